@@ -1,0 +1,385 @@
+"""The study spec: a YAML file validated into dataclasses.
+
+Every invalid field raises :class:`SpecError` whose one-line message names the
+field path and what is allowed, e.g.
+``space.groups[1].sparsity[2]: '5:4' is not N:M with 0 < N < M``.
+Validation touches no storage; ``examples/default.yaml`` documents each field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dse.plan import FORMAT_NAMES, PlanError, Sparsity, WeightFormat
+
+SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random")
+TIE_MODES = ("layer", "block", "group")
+DIRECTIONS = ("maximize", "minimize")
+ACCURACY = "accuracy"
+"""Objective name for the mean of the tasks' chosen metrics (each in [0, 1])."""
+CONSTRAINT_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+
+
+class SpecError(ValueError):
+    """An invalid spec field: ``str(err)`` is ``'<field path>: <problem and what is allowed>'``."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """An lm-eval task, the metric of it that enters the accuracy objective, and a document limit."""
+
+    name: str
+    metric: str = "acc"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers chosen by a regex on module names (full match), and the choices allowed for them."""
+
+    name: str
+    targets: str
+    sparsity: tuple[Sparsity | None, ...] = (None,)
+    formats: tuple[WeightFormat, ...] = (WeightFormat("16"),)
+
+    def matches(self, layer_name: str) -> bool:
+        return re.fullmatch(self.targets, layer_name) is not None
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """The search space: layer groups, how choices are tied, and which blocks may use MLGRU."""
+
+    groups: tuple[LayerGroup, ...]
+    tie: str = "block"
+    mlgru_blocks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric <= value`` or ``metric >= value`` on a hardware-report metric."""
+
+    metric: str
+    op: str
+    value: float
+
+    def violation(self, actual: float) -> float:
+        """Optuna convention: <= 0 when satisfied; otherwise the relative amount of violation."""
+        scale = max(abs(self.value), 1e-12)
+        return (actual - self.value) / scale if self.op == "<=" else (self.value - actual) / scale
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "nsga2"
+    population: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    study: str
+    model: str
+    tasks: tuple[TaskSpec, ...]
+    space: SpaceSpec
+    hardware: dict
+    objectives: tuple[Objective, ...]
+    constraints: tuple[Constraint, ...] = ()
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    trials: int = 12
+    workers: int = 2
+    threads_per_worker: int = 1
+    task_seed: int = 0
+    batch_size: int = 8
+    storage: str = "sqlite:///dse-studies.db"
+    ray_address: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (stored as a study user attribute)."""
+        d = asdict(self)
+        d["space"]["groups"] = [
+            {"name": g.name, "targets": g.targets,
+             "sparsity": [("dense" if s is None else str(s)) for s in g.sparsity],
+             "formats": [f.name for f in g.formats], "group_size": g.formats[0].group_size}
+            for g in self.space.groups
+        ]
+        d["constraints"] = [str(c) for c in self.constraints]
+        return d
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+
+# --------------------------------------------------------------------------- reading helpers
+
+
+def _check_keys(d: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+    if not isinstance(d, dict):
+        raise SpecError(path, f"expected a mapping with fields {', '.join(allowed)}; got {type(d).__name__}")
+    for key in d:
+        if key not in allowed:
+            raise SpecError(f"{path}.{key}" if path else str(key), f"unknown field; allowed: {', '.join(allowed)}")
+    for key in required:
+        if key not in d or d[key] is None:
+            raise SpecError(f"{path}.{key}" if path else key, "is required")
+    return d
+
+
+def _int(value: Any, path: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+        raise SpecError(path, f"{value!r} is not {allowed}")
+    return value
+
+
+def _str(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(path, f"{value!r} is not a non-empty string")
+    return value.strip()
+
+
+def _choice(value: Any, path: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SpecError(path, f"{value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _list(value: Any, path: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise SpecError(path, "expected a non-empty list")
+    return value
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _tasks(value: Any) -> tuple[TaskSpec, ...]:
+    out = []
+    for i, item in enumerate(_list(value, "tasks")):
+        path = f"tasks[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        _check_keys(item, path, ("name", "metric", "limit"), ("name",))
+        limit = item.get("limit")
+        out.append(TaskSpec(
+            name=_str(item["name"], f"{path}.name"),
+            metric=_str(item.get("metric", "acc"), f"{path}.metric"),
+            limit=None if limit is None else _int(limit, f"{path}.limit", 1),
+        ))
+    names = [t.name for t in out]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise SpecError(f"tasks[{i}].name", f"'{name}' is listed twice")
+    return tuple(out)
+
+
+def _group(item: Any, index: int) -> LayerGroup:
+    path = f"space.groups[{index}]"
+    _check_keys(item, path, ("name", "targets", "sparsity", "formats", "group_size"), ("targets",))
+    targets = _str(item["targets"], f"{path}.targets")
+    try:
+        re.compile(targets)
+    except re.error as err:
+        raise SpecError(f"{path}.targets", f"invalid regular expression: {err}") from None
+    group_size = _int(item.get("group_size", 128), f"{path}.group_size", 1)
+    sparsity = []
+    for j, s in enumerate(_list(item.get("sparsity", ["dense"]), f"{path}.sparsity")):
+        try:
+            sparsity.append(Sparsity.parse(str(s)))
+        except PlanError as err:
+            raise SpecError(f"{path}.sparsity[{j}]", str(err)) from None
+    formats = []
+    for j, f in enumerate(_list(item.get("formats", ["16"]), f"{path}.formats")):
+        try:
+            formats.append(WeightFormat.parse(f, group_size))
+        except PlanError:
+            raise SpecError(f"{path}.formats[{j}]", f"{f!r} is not one of {', '.join(FORMAT_NAMES)}") from None
+    for label, values in (("sparsity", sparsity), ("formats", formats)):
+        if len(set(values)) != len(values):
+            raise SpecError(f"{path}.{label}", "lists a choice twice")
+    name = item.get("name", f"group{index}")
+    return LayerGroup(_str(name, f"{path}.name"), targets, tuple(sparsity), tuple(formats))
+
+
+def _space(value: Any) -> SpaceSpec:
+    d = _check_keys(value, "space", ("groups", "tie", "mlgru_blocks"), ("groups",))
+    groups = tuple(_group(g, i) for i, g in enumerate(_list(d["groups"], "space.groups")))
+    names = [g.name for g in groups]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise SpecError(f"space.groups[{i}].name", f"'{name}' is used by another group")
+    mlgru = d.get("mlgru_blocks") or []
+    if not isinstance(mlgru, list):
+        raise SpecError("space.mlgru_blocks", "expected a list of block indices")
+    blocks = tuple(_int(b, f"space.mlgru_blocks[{i}]", 0) for i, b in enumerate(mlgru))
+    if blocks:
+        raise SpecError("space.mlgru_blocks", "MLGRU substitution is not available in this version; allowed: []")
+    return SpaceSpec(groups, _choice(d.get("tie", "block"), "space.tie", TIE_MODES), blocks)
+
+
+def _hardware(value: Any) -> dict:
+    from hwcost.accelerator import Accelerator
+
+    if not isinstance(value, dict):
+        raise SpecError("hardware", "expected a mapping with at least 'device'")
+    try:
+        Accelerator.from_dict(value)
+    except (ValueError, TypeError, KeyError) as err:
+        message = str(err).strip("'\"").splitlines()[0]
+        raise SpecError("" if message.startswith("hardware") else "hardware", message) from None
+    return dict(value)
+
+
+def _hardware_metrics() -> dict[str, str]:
+    """Hardware metric name -> natural direction."""
+    from hwcost.model import METRICS
+
+    return {name: info["direction"] for name, info in METRICS.items()}
+
+
+def _objectives(value: Any) -> tuple[Objective, ...]:
+    hw = _hardware_metrics()
+    allowed = (ACCURACY, *hw)
+    out = []
+    for i, item in enumerate(_list(value, "objectives")):
+        path = f"objectives[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        _check_keys(item, path, ("name", "direction"), ("name",))
+        name = _choice(item["name"], f"{path}.name", allowed)
+        natural = "maximize" if name == ACCURACY else hw[name]
+        out.append(Objective(name, _choice(item.get("direction", natural), f"{path}.direction", DIRECTIONS)))
+    if len({o.name for o in out}) != len(out):
+        raise SpecError("objectives", "an objective is listed twice")
+    return tuple(out)
+
+
+def _constraints(value: Any) -> tuple[Constraint, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SpecError("constraints", "expected a list such as ['decode_tokens_per_s >= 100']")
+    hw = _hardware_metrics()
+    out = []
+    for i, text in enumerate(value):
+        match = CONSTRAINT_RE.match(str(text))
+        if not match:
+            raise SpecError(f"constraints[{i}]", f"{text!r} is not '<metric> <=|>= <number>'")
+        metric, op, number = match.groups()
+        _choice(metric, f"constraints[{i}]", tuple(hw))
+        try:
+            out.append(Constraint(metric, op, float(number)))
+        except ValueError:
+            raise SpecError(f"constraints[{i}]", f"{number!r} is not a number") from None
+    return tuple(out)
+
+
+def _sampler(value: Any) -> SamplerSpec:
+    if value is None:
+        return SamplerSpec()
+    if isinstance(value, str):
+        value = {"name": value}
+    d = _check_keys(value, "sampler", ("name", "population", "seed"))
+    return SamplerSpec(
+        name=_choice(d.get("name", "nsga2"), "sampler.name", SAMPLERS),
+        population=_int(d.get("population", 8), "sampler.population", 2),
+        seed=_int(d.get("seed", 0), "sampler.seed", 0),
+    )
+
+
+def _storage(value: Any) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    url = _str(value, "storage")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SpecError("storage", f"{url!r} is not a database URL such as sqlite:///studies.db "
+                                   "or postgresql://user@host:5432/db") from None
+    if parsed.drivername not in STORAGE_SCHEMES:
+        raise SpecError("storage", f"scheme '{parsed.drivername}' is not one of {', '.join(STORAGE_SCHEMES)}")
+    if parsed.drivername == "sqlite" and not parsed.database:
+        raise SpecError("storage", "an in-memory sqlite URL cannot hold a study; give a file, e.g. sqlite:///studies.db")
+    return url
+
+
+def _ray(value: Any) -> tuple[str | None, int]:
+    if value is None:
+        return None, 1
+    d = _check_keys(value, "ray", ("address", "threads_per_worker"))
+    address = d.get("address")
+    if address is not None:
+        address = _str(address, "ray.address")
+    return address, _int(d.get("threads_per_worker", 1), "ray.threads_per_worker", 1, 64)
+
+
+TOP_LEVEL = ("study", "model", "tasks", "task_seed", "batch_size", "space", "hardware", "objectives",
+             "constraints", "sampler", "trials", "workers", "storage", "ray")
+
+
+def parse_spec(data: Any) -> StudySpec:
+    """Validate a spec mapping (as loaded from YAML) into a :class:`StudySpec`."""
+    d = _check_keys(data, "", TOP_LEVEL, ("study", "model", "tasks", "space", "hardware", "objectives"))
+    study = _str(d["study"], "study")
+    if not STUDY_NAME_RE.match(study):
+        raise SpecError("study", f"{study!r} must be 1-100 characters of letters, digits, '_', '.', '-'")
+    address, threads = _ray(d.get("ray"))
+    sampler = _sampler(d.get("sampler"))
+    objectives = _objectives(d["objectives"])
+    if sampler.name == "nsga3" and len(objectives) < 2:
+        raise SpecError("sampler.name", "nsga3 needs at least 2 objectives")
+    return StudySpec(
+        study=study,
+        model=_str(d["model"], "model"),
+        tasks=_tasks(d["tasks"]),
+        task_seed=_int(d.get("task_seed", 0), "task_seed", 0),
+        batch_size=_int(d.get("batch_size", 8), "batch_size", 1, 512),
+        space=_space(d["space"]),
+        hardware=_hardware(d["hardware"]),
+        objectives=objectives,
+        constraints=_constraints(d.get("constraints")),
+        sampler=sampler,
+        trials=_int(d.get("trials", 12), "trials", 1, 1_000_000),
+        workers=_int(d.get("workers", 2), "workers", 1, 1024),
+        threads_per_worker=threads,
+        storage=_storage(d.get("storage", "sqlite:///dse-studies.db")),
+        ray_address=address,
+    )
+
+
+def load_spec(path: str | Path, overrides: dict | None = None) -> StudySpec:
+    """Read and validate a spec file; ``overrides`` replace top-level fields (e.g. from the command line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("", f"spec file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError("", f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if isinstance(data, dict) and overrides:
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_spec(data)
