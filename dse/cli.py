@@ -1,0 +1,153 @@
+"""The ``dse`` command line.
+
+    dse start SPEC            create or resume the study in SPEC and run it to its trial budget
+    dse status STUDY          trial counts by state and the Pareto table
+    dse export STUDY --out D  write plan.yaml, hw_report.json, evaluation.json, summary.txt of a trial
+    dse dashboard             serve the Streamlit Pareto dashboard (reads the storage only)
+
+A user's mistake (bad spec field, unknown study, missing model) prints one line
+``error: <field>: <problem>`` and exits with status 2 without touching storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_STORAGE = "sqlite:///dse-studies.db"
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the command's input; printed as one line, exit status 2."""
+
+
+def _open_existing(study_name: str, storage: str):
+    """Load a stored study without creating anything (a missing SQLite file stays missing)."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except ArgumentError:
+        raise UserError(f"--storage: {storage!r} is not a database URL such as {DEFAULT_STORAGE}") from None
+    if url.drivername == "sqlite" and (not url.database or not Path(url.database).exists()):
+        raise UserError(f"--storage: SQLite file '{url.database}' does not exist (no studies there)")
+    storage_obj = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage_obj)]
+    if study_name not in names:
+        listed = ", ".join(names) if names else "none"
+        raise UserError(f"STUDY: '{study_name}' is not in {storage}; studies there: {listed}")
+    return optuna.load_study(study_name=study_name, storage=storage_obj)
+
+
+def cmd_start(args) -> int:
+    from dse.report import pareto_table, state_counts
+    from dse.spec import load_spec
+    from dse.study import run_study
+
+    spec = load_spec(args.spec, {"trials": args.trials, "workers": args.workers, "storage": args.storage})
+    study = run_study(spec, progress=not args.no_progress)
+    counts = state_counts(study)
+    print(f"\nstudy '{spec.study}' in {spec.storage}: "
+          + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v))
+    print(f"Pareto set ({', '.join(f'{o.name} {o.direction}' for o in spec.objectives)}):")
+    print(pareto_table(study))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from dse.report import pareto_table, state_counts
+
+    study = _open_existing(args.study, args.storage)
+    spec = study.user_attrs.get("spec", {})
+    print(f"study {study.study_name}: model {spec.get('model')}, device {spec.get('hardware', {}).get('device')}, "
+          f"budget {spec.get('trials')} trials")
+    print("  ".join(f"{k.lower()}={v}" for k, v in state_counts(study).items()))
+    print(pareto_table(study))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dse.export import choose_trial, export_trial
+
+    study = _open_existing(args.study, args.storage)
+    trial = choose_trial(study, args.trial, args.pick)
+    for path in export_trial(study, trial, Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+               "--server.address", args.address, "--server.headless", "true",
+               "--browser.gatherUsageStats", "false", "--", "--storage", args.storage]
+    print(f"dashboard on http://{args.address}:{args.port} reading {args.storage}", flush=True)
+    return subprocess.call(command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dse", description="Hardware-aware LLM compression search")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("start", help="create or resume the study in SPEC and run it to its budget")
+    p.add_argument("spec", help="study spec YAML (see examples/default.yaml)")
+    p.add_argument("--trials", type=int, help="override the spec's trial budget")
+    p.add_argument("--workers", type=int, help="override the spec's number of Ray evaluator actors")
+    p.add_argument("--storage", help="override the spec's storage URL")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_start)
+
+    for name, func, text in (("status", cmd_status, "trial counts and the Pareto table of a study"),
+                             ("export", cmd_export, "write a trial's plan, hardware report and evaluation")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("study", help="study name")
+        p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")
+        p.set_defaults(func=func)
+        if name == "export":
+            from dse.export import PICKS
+
+            p.add_argument("--out", required=True, help="output directory")
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--trial", type=int, help="trial number to export")
+            group.add_argument("--pick", default="max-accuracy", choices=PICKS, help="which Pareto trial")
+
+    p = sub.add_parser("dashboard", help="serve the Streamlit dashboard")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from dse.export import ExportError
+    from dse.spec import SpecError
+    from evaluators.models import ModelError
+
+    try:
+        return args.func(args)
+    except (UserError, SpecError, ModelError, ExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; the study keeps every completed trial", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
