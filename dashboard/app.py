@@ -1,12 +1,13 @@
 """Streamlit Pareto dashboard: reads a study storage (never writes trials) and plots the fronts live.
 
 Run through ``dse dashboard --storage URL``, which calls
-``streamlit run dashboard/app.py -- --storage URL``.
+``streamlit run dashboard/app.py -- --storage URL`` (``$DSE_STORAGE`` is the default URL).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import optuna
@@ -21,7 +22,7 @@ REFRESH_S = 5
 
 def storage_url() -> str:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--storage", default="sqlite:///dse-studies.db")
+    parser.add_argument("--storage", default=os.environ.get("DSE_STORAGE", "sqlite:///dse-studies.db"))
     args, _ = parser.parse_known_args(sys.argv[1:])
     return args.storage
 

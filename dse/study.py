@@ -7,28 +7,26 @@ evaluation and timings are trial user attributes (JSON), and the validated spec
 is a study user attribute.
 
 Plans that violate a hardware constraint (do not fit the device, or break a
-user constraint) are told at once with ``accuracy`` 0 and their constraint
-values, without an accuracy evaluation (``user_attrs['evaluated'] = False``).
+user constraint) are told at once with ``accuracy`` 0 and their named
+constraint values (``trial.constraints``), without an accuracy evaluation (``user_attrs['evaluated'] = False``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import optuna
 
-from dse.plan import ModelPlan
 from dse.space import Unit, build_units, suggest_plan
 from dse.spec import ACCURACY, StudySpec, SpecError
 
 log = logging.getLogger(__name__)
 
 SPEC_ATTR = "spec"
-CONSTRAINTS_ATTR = "constraint_values"
 
 
 @dataclass
@@ -65,25 +63,18 @@ def prepare(spec: StudySpec) -> Setup:
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded, with the hardware constraints attached."""
+    """The spec's sampler, seeded. Constraints reach it through ``trial.set_constraint`` (Optuna >= 5)."""
     seed = spec.sampler.seed
     name = spec.sampler.name
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population, seed=seed,
-                                             constraints_func=constraint_values)
+        return optuna.samplers.NSGAIISampler(population_size=spec.sampler.population, seed=seed)
     if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(population_size=spec.sampler.population, seed=seed,
-                                              constraints_func=constraint_values)
+        return optuna.samplers.NSGAIIISampler(population_size=spec.sampler.population, seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=constraint_values)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraint_values)
+        return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna ``constraints_func``: values <= 0 are satisfied (stored by the driver before tell)."""
-    return trial.user_attrs[CONSTRAINTS_ATTR]
 
 
 def open_study(setup: Setup) -> optuna.Study:
@@ -104,7 +95,9 @@ def open_study(setup: Setup) -> optuna.Study:
         return existing
     study = optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler,
                                 directions=spec.directions)
-    study.set_metric_names([o.name for o in spec.objectives])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in spec.objectives])
     study.set_user_attr(SPEC_ATTR, spec.to_dict())
     study.set_user_attr("model", spec.model)
     study.set_user_attr("device", spec.hardware["device"])
@@ -116,10 +109,10 @@ def objective_values(spec: StudySpec, hw_report, accuracy: float) -> list[float]
     return [accuracy if o.name == ACCURACY else float(hw_report.metric(o.name)) for o in spec.objectives]
 
 
-def screen(spec: StudySpec, hw_report) -> list[float]:
-    """Constraint values (<= 0 satisfied): fits the device, then each user constraint in spec order."""
-    values = [float(hw_report.constraint_violation)]
-    values += [c.violation(float(hw_report.metric(c.metric))) for c in spec.constraints]
+def screen(spec: StudySpec, hw_report) -> dict[str, float]:
+    """Named constraint values (<= 0 satisfied): ``fits`` the device, then each user constraint."""
+    values = {"fits": float(hw_report.constraint_violation)}
+    values.update({str(c): c.violation(float(hw_report.metric(c.metric))) for c in spec.constraints})
     return values
 
 
@@ -170,8 +163,9 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
                 trial.set_user_attr("plan_hash", plan.hash)
                 trial.set_user_attr("plan_summary", plan.summary())
                 trial.set_user_attr("hw", report.to_dict())
-                trial.set_user_attr(CONSTRAINTS_ATTR, constraints)
-                if max(constraints) > 0:
+                for key, value in constraints.items():
+                    trial.set_constraint(key, value)
+                if max(constraints.values()) > 0:
                     trial.set_user_attr("evaluated", False)
                     trial.set_user_attr("timings_s", {"hwcost": cost_s})
                     study.tell(trial, objective_values(spec, report, 0.0))
@@ -213,11 +207,3 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
 def _feasible_count(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                if t.user_attrs.get("evaluated"))
-
-
-def trial_plan(trial: optuna.trial.FrozenTrial) -> ModelPlan:
-    return ModelPlan.from_dict(trial.user_attrs["plan"])
-
-
-def stored_spec(study: optuna.Study) -> dict:
-    return json.loads(json.dumps(study.user_attrs.get(SPEC_ATTR, {})))

@@ -1,0 +1,122 @@
+"""End to end on the real default model: a small real study on SQLite and on the real PostgreSQL server,
+then ``dse status``, ``dse export`` and the dashboard page reading what the study stored."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from dse.cli import main
+from dse.spec import parse_spec
+from dse.study import run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("DSE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TRIALS = 4
+
+
+def small_spec(storage: str, study: str) -> dict:
+    data = yaml.safe_load((ROOT / "examples" / "default.yaml").read_text())
+    data.update(study=study, storage=storage, trials=TRIALS, workers=2)
+    data["tasks"] = [{"name": "shakespeare_lastword", "metric": "acc", "limit": 12},
+                     {"name": "shakespeare_cloze", "metric": "acc_norm", "limit": 6}]
+    data["sampler"] = {"name": "nsga2", "population": 4, "seed": 3}
+    return data
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def check_study(study: optuna.Study) -> None:
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == TRIALS
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert study.metric_names == ["accuracy", "decode_tokens_per_s", "j_per_token"]
+    evaluated = [t for t in complete if t.user_attrs["evaluated"]]
+    assert evaluated, "at least one plan should pass the hardware screen"
+    for t in complete:
+        hw = t.user_attrs["hw"]
+        assert t.values[1] == pytest.approx(hw["decode_tokens_per_s"])
+        assert t.values[2] == pytest.approx(hw["j_per_token"])
+        assert len(t.user_attrs["plan"]["layers"]) == 211
+        if t.user_attrs["evaluated"]:
+            ev = t.user_attrs["eval"]
+            expected = (ev["metrics"]["shakespeare_lastword"]["acc"] + ev["metrics"]["shakespeare_cloze"]["acc_norm"]) / 2
+            assert t.values[0] == pytest.approx(expected)
+            assert 0.0 <= t.values[0] <= 1.0 and ev["tokens_evaluated"] > 0
+        else:
+            assert max(t.constraints.values()) > 0 and "eval" not in t.user_attrs
+        assert set(t.constraints) == {"fits", "decode_tokens_per_s >= 100"}
+    json.dumps([t.user_attrs for t in complete])  # everything stored is plain JSON
+    assert len({t.user_attrs["worker"] for t in evaluated}) >= 1
+
+
+@pytest.fixture(scope="module")
+def sqlite_study(tmp_path_factory, ray_session):
+    db = tmp_path_factory.mktemp("study") / "studies.db"
+    spec = parse_spec(small_spec(f"sqlite:///{db}", "e2e-sqlite"))
+    return run_study(spec, progress=False), f"sqlite:///{db}"
+
+
+def test_study_on_sqlite(sqlite_study):
+    study, _ = sqlite_study
+    check_study(study)
+
+
+def test_study_on_postgresql(ray_session):
+    name = f"e2e-pg-{os.getpid()}"
+    try:
+        study = run_study(parse_spec(small_spec(PG_URL, name)), progress=False)
+        check_study(optuna.load_study(study_name=name, storage=PG_URL))
+        assert study.user_attrs["spec"]["storage"] == PG_URL
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=PG_URL)
+        except KeyError:
+            pass
+
+
+def test_status_and_export(sqlite_study, capsys, tmp_path):
+    study, url = sqlite_study
+    assert main(["status", "e2e-sqlite", "--storage", url]) == 0
+    out = capsys.readouterr().out
+    assert f"complete={TRIALS}" in out and "accuracy" in out and "decode_tokens_per_s" in out
+    assert main(["export", "e2e-sqlite", "--storage", url, "--pick", "max-accuracy", "--out", str(tmp_path)]) == 0
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    best = max((t for t in study.best_trials if t.user_attrs["evaluated"]), key=lambda t: t.values[0])
+    assert plan["trial"] == best.number and plan["plan"] == best.user_attrs["plan"]
+    assert json.loads((tmp_path / "hw_report.json").read_text()) == best.user_attrs["hw"]
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == best.user_attrs["eval"]
+    assert "fits: True" in (tmp_path / "summary.txt").read_text()
+
+
+def test_status_of_unknown_study_is_one_line(sqlite_study, capsys):
+    _, url = sqlite_study
+    assert main(["status", "nope", "--storage", url]) == 2
+    assert capsys.readouterr().err == "error: STUDY: 'nope' is not in " + url + "; studies there: e2e-sqlite\n"
+
+
+def test_dashboard_page_renders_the_study(sqlite_study, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    study, url = sqlite_study
+    monkeypatch.setenv("DSE_STORAGE", url)
+    app = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
+    app.run()
+    assert not app.exception
+    assert [h.value for h in app.subheader] == ["e2e-sqlite"]
+    assert app.sidebar.selectbox[0].options == ["e2e-sqlite"]
+    table = app.dataframe[0].value
+    assert sorted(table["trial"]) == [t.number for t in study.trials if t.state.name == "COMPLETE"]
+    pareto = {t.number for t in study.best_trials if t.user_attrs["evaluated"]}
+    assert set(table.loc[table["status"] == "pareto", "trial"]) == pareto
