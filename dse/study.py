@@ -125,7 +125,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
     import ray
     from tqdm import tqdm
 
-    from dse.workers import EvaluatorActor
+    from dse.workers import WORKER_ENV, EvaluatorActor
     from hwcost import estimate
 
     setup = prepare(spec)
@@ -143,7 +143,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
             ray.init(num_cpus=max(os.cpu_count() or 1, spec.workers * spec.threads_per_worker),
                      include_dashboard=False, log_to_driver=False)
     actors = [
-        EvaluatorActor.options(num_cpus=spec.threads_per_worker).remote(
+        EvaluatorActor.options(num_cpus=spec.threads_per_worker, runtime_env={"env_vars": WORKER_ENV}).remote(
             spec.model, spec.tasks, spec.task_seed, spec.batch_size, spec.threads_per_worker)
         for _ in range(spec.workers)
     ]

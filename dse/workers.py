@@ -7,6 +7,7 @@ lm-eval tasks through the project's :class:`~evaluators.lm.TorchLM`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -46,16 +47,20 @@ class Evaluator:
         """Apply the plan and run every task; returns the evaluation as a JSON-able dict."""
         from dse.plan import ModelPlan
         from evaluators.harness import run_tasks
+        from evaluators.tasks import LOCAL_NAMES, offline_datasets
 
         started = time.perf_counter()
         self.applier.apply(ModelPlan.from_json(plan_json))
         applied_s = time.perf_counter() - started
         metrics: dict[str, dict[str, float]] = {}
         tokens = 0
-        for task in self.tasks:
-            result = run_tasks(self.lm, [task.name], self.task_manager, limit=task.limit)
-            metrics.update(result.metrics)
-            tokens += result.tokens_evaluated
+        # Local tasks read only local files: keep `datasets` from trying a hub.
+        local = all(t.name in LOCAL_NAMES for t in self.tasks)
+        with offline_datasets() if local else contextlib.nullcontext():
+            for task in self.tasks:
+                result = run_tasks(self.lm, [task.name], self.task_manager, limit=task.limit)
+                metrics.update(result.metrics)
+                tokens += result.tokens_evaluated
         missing = [f"{t.name}.{t.metric}" for t in self.tasks if t.metric not in metrics.get(t.name, {})]
         if missing:
             available = {name: sorted(m) for name, m in metrics.items()}
@@ -72,3 +77,11 @@ class Evaluator:
 
 
 EvaluatorActor = ray.remote(num_cpus=1, max_restarts=1)(Evaluator)
+
+WORKER_ENV = {
+    "TQDM_DISABLE": "1",             # lm-eval's request-building bars honour only this, set before import
+    "OMP_WAIT_POLICY": "PASSIVE",    # idle OpenMP threads must not spin on a shared CPU
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+"""Environment of every evaluator actor process."""
