@@ -24,7 +24,7 @@ ACCURACY = "accuracy"
 """Objective name for the mean of the tasks' chosen metrics (each in [0, 1])."""
 CONSTRAINT_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2")
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 
 
 class SpecError(ValueError):
