@@ -26,7 +26,7 @@ def test_default_study_runs_to_budget_on_two_workers(tmp_path):
 
     study = optuna.load_study(study_name="smollm2-kv260-demo", storage=storage)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(complete) == 12
+    assert len(complete) == 16
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL))
     evaluated = [t for t in complete if t.user_attrs["evaluated"]]
     assert len(evaluated) >= 8

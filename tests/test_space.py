@@ -46,7 +46,7 @@ def test_block_tie_gives_one_choice_per_group_and_block():
             params[f"{unit.key}.sparsity"] = "4:8" if unit.key == "attn.b7" else "dense"
             params[f"{unit.key}.format"] = "4"
         elif unit.key.startswith("mlp."):
-            params[f"{unit.key}.sparsity"] = "2:4"
+            params[f"{unit.key}.sparsity"] = "4:8"
             params[f"{unit.key}.format"] = "3"
         else:
             params[f"{unit.key}.format"] = "16"
@@ -56,7 +56,7 @@ def test_block_tie_gives_one_choice_per_group_and_block():
     assert plan.layer("model.layers.8.self_attn.o_proj").sparsity is None
     assert plan.layer("model.layers.8.mlp.down_proj").fmt == WeightFormat("3", 64)
     assert plan.layer("lm_head").is_identity
-    assert plan.summary() == {"2:4 int3/g64": 90, "int4/g64": 116, "4:8 int4/g64": 4, "fp16": 1}
+    assert plan.summary() == {"int4/g64": 116, "4:8 int3/g64": 90, "4:8 int4/g64": 4, "fp16": 1}
 
 
 def test_block_index():

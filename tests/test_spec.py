@@ -28,9 +28,9 @@ def test_example_spec_validates():
     assert [o.name for o in spec.objectives] == ["accuracy", "decode_tokens_per_s", "j_per_token"]
     assert spec.directions == ["maximize", "maximize", "minimize"]
     mlp = spec.space.groups[1]
-    assert mlp.sparsity == (None, Sparsity(4, 8), Sparsity(2, 4))
+    assert mlp.sparsity == (None, Sparsity(4, 8))
     assert mlp.formats == (WeightFormat("8", 64), WeightFormat("4", 64), WeightFormat("3", 64))
-    assert spec.constraints[0].violation(150.0) < 0 < spec.constraints[0].violation(50.0)
+    assert spec.constraints[0].violation(150.0) < 0 < spec.constraints[0].violation(100.0)
     assert spec.sampler.name == "nsga2" and spec.workers == 2 and spec.storage.startswith("sqlite:///")
 
 
@@ -51,7 +51,7 @@ _DELETE = object()
 
 # (field path to change, new value, expected one-line message)
 INVALID = [
-    ("space.groups.1.sparsity.2", "5:4", "space.groups[1].sparsity[2]: '5:4' is not N:M with 0 < N < M"),
+    ("space.groups.1.sparsity.1", "5:4", "space.groups[1].sparsity[1]: '5:4' is not N:M with 0 < N < M"),
     ("space.groups.1.sparsity.0", "half", "space.groups[1].sparsity[0]: 'half' is not 'dense' or N:M"),
     ("space.groups.0.formats.1", 5, "space.groups[0].formats[1]: 5 is not one of 16, 8, 6, 4, 3, 2, ternary"),
     ("space.groups.0.targets", "model.(layers", "space.groups[0].targets: invalid regular expression"),
@@ -94,7 +94,7 @@ def test_invalid_spec_one_line_exit_2_no_storage(tmp_path, capsys, path, value, 
 
 def test_spec_rejections_in_a_real_process(tmp_path):
     data = example()
-    data["space"]["groups"][1]["sparsity"][2] = "5:4"
+    data["space"]["groups"][1]["sparsity"].append("5:4")
     data["storage"] = f"sqlite:///{tmp_path / 'x.db'}"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     (tmp_path / "broken.yaml").write_text("study: [unclosed\n")
