@@ -66,8 +66,8 @@ def study_view(storage: optuna.storages.RDBStorage, name: str) -> None:
     front = frame[frame["status"] == "pareto"].sort_values(x)
     fig.add_scatter(x=front[x], y=front[y], mode="lines", line={"color": "#d62728", "dash": "dot"},
                     name="front", showlegend=False)
-    st.plotly_chart(fig, use_container_width=True, key=f"pareto-{name}")
-    st.dataframe(frame.sort_values("trial"), hide_index=True, use_container_width=True)
+    st.plotly_chart(fig, width="stretch", key=f"pareto-{name}")
+    st.dataframe(frame.sort_values("trial"), hide_index=True, width="stretch")
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ def cmd_start(args) -> int:
     spec = load_spec(args.spec, {"trials": args.trials, "workers": args.workers, "storage": args.storage})
     study = run_study(spec, progress=not args.no_progress)
     counts = state_counts(study)
-    print(f"\nstudy '{spec.study}' in {spec.storage}: "
+    print(f"\nstudy '{spec.study}' in {spec.storage_display}: "
           + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v))
     print(f"Pareto set ({', '.join(f'{o.name} {o.direction}' for o in spec.objectives)}):")
     print(pareto_table(study))
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     from dse.export import ExportError
     from dse.spec import SpecError
+    from dse.study import EvaluationError
     from evaluators.models import ModelError
 
     try:
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, SpecError, ModelError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the study keeps every completed trial", file=sys.stderr)
         return 130

@@ -124,7 +124,15 @@ class StudySpec:
             for g in self.space.groups
         ]
         d["constraints"] = [str(c) for c in self.constraints]
+        d["storage"] = self.storage_display
         return d
+
+    @property
+    def storage_display(self) -> str:
+        """The storage URL with any password masked (safe to store and print)."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.storage).render_as_string(hide_password=True)
 
     @property
     def directions(self) -> list[str]:

@@ -27,6 +27,11 @@ from dse.spec import ACCURACY, StudySpec, SpecError
 log = logging.getLogger(__name__)
 
 SPEC_ATTR = "spec"
+MAX_FAILURES_IN_A_ROW = 3
+
+
+class EvaluationError(RuntimeError):
+    """Evaluations keep failing (e.g. a task metric lm-eval does not report); the message is one line."""
 
 
 @dataclass
@@ -90,7 +95,7 @@ def open_study(setup: Setup) -> optuna.Study:
         stored = existing.user_attrs.get(SPEC_ATTR, {})
         stored_objectives = [o["name"] for o in stored.get("objectives", [])]
         if stored_objectives != [o.name for o in spec.objectives]:
-            raise SpecError("objectives", f"study '{spec.study}' exists in {spec.storage} with objectives "
+            raise SpecError("objectives", f"study '{spec.study}' exists in {spec.storage_display} with objectives "
                                           f"{stored_objectives}; use another study name")
         return existing
     study = optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler,
@@ -148,7 +153,8 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
         for _ in range(spec.workers)
     ]
     idle = list(actors)
-    running: dict = {}  # ObjectRef -> (trial, actor, started)
+    running: dict = {}  # ObjectRef -> (trial, actor, hardware report, cost-model seconds)
+    failures_in_a_row = 0
     bar = tqdm(total=spec.trials, initial=done, desc=spec.study, unit="trial", disable=not progress)
     try:
         while done < spec.trials:
@@ -170,7 +176,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
                     trial.set_user_attr("timings_s", {"hwcost": cost_s})
                     study.tell(trial, objective_values(spec, report, 0.0))
                     done += 1
-                    bar.update(1)
+                    _progress(bar, study)
                     continue
                 actor = idle.pop()
                 ref = actor.evaluate.remote(plan.to_json())
@@ -185,16 +191,20 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
                 trial.set_user_attr("error", str(err).strip().splitlines()[-1][:500])
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                log.error("trial %d failed: %s", trial.number, trial.user_attrs.get("error"))
+                log.error("trial %d failed: %s", trial.number, trial.user_attrs["error"])
+                failures_in_a_row += 1
+                if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    raise EvaluationError(f"{failures_in_a_row} evaluations in a row failed; "
+                                          f"last: {trial.user_attrs['error']}")
                 continue
+            failures_in_a_row = 0
             trial.set_user_attr("evaluated", True)
             trial.set_user_attr("eval", evaluation)
             trial.set_user_attr("worker", evaluation["worker"])
             trial.set_user_attr("timings_s", {"hwcost": cost_s, **evaluation["timings_s"]})
             study.tell(trial, objective_values(spec, report, evaluation["accuracy"]))
             done += 1
-            bar.update(1)
-            bar.set_postfix(pareto=len(study.best_trials), feasible=_feasible_count(study))
+            _progress(bar, study)
     finally:
         bar.close()
         for ref, (trial, *_rest) in running.items():
@@ -204,6 +214,10 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
     return study
 
 
-def _feasible_count(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-               if t.user_attrs.get("evaluated"))
+def _progress(bar, study: optuna.Study) -> None:
+    """One more completed trial: advance the bar and show evaluated / screened counts and the Pareto size."""
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    evaluated = sum(1 for t in trials if t.user_attrs.get("evaluated"))
+    bar.set_postfix(evaluated=evaluated, screened=len(trials) - evaluated, pareto=len(study.best_trials),
+                    refresh=False)
+    bar.update(1)

@@ -129,3 +129,9 @@ def test_overlapping_groups_are_reported(tmp_path, capsys):
     assert main(["start", str(tmp_path / "s.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "space.groups[2].targets: also matches 'model.layers.0.mlp.up_proj', already chosen by space.groups[1]" in err
+
+
+def test_stored_and_printed_storage_url_hides_the_password():
+    spec = load_spec(EXAMPLE, {"storage": "postgresql://dse:s3cret@db.example:5432/studies"})
+    assert spec.to_dict()["storage"] == "postgresql://dse:***@db.example:5432/studies"
+    assert "s3cret" not in str(spec.to_dict())

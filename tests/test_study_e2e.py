@@ -120,3 +120,31 @@ def test_dashboard_page_renders_the_study(sqlite_study, monkeypatch):
     assert sorted(table["trial"]) == [t.number for t in study.trials if t.state.name == "COMPLETE"]
     pareto = {t.number for t in study.best_trials if t.user_attrs["evaluated"]}
     assert set(table.loc[table["status"] == "pareto", "trial"]) == pareto
+
+
+def test_restart_with_other_objectives_is_refused_without_change(sqlite_study, tmp_path, capsys):
+    study, url = sqlite_study
+    before = len(study.trials)
+    data = small_spec(url, "e2e-sqlite")
+    data["objectives"] = [{"name": "accuracy"}, {"name": "power_w"}]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    assert main(["start", str(tmp_path / "s.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: objectives: study 'e2e-sqlite' exists in") and err.count("\n") == 1
+    assert len(optuna.load_study(study_name="e2e-sqlite", storage=url).trials) == before
+
+
+def test_metric_lm_eval_does_not_report_stops_the_study_with_one_line(sqlite_study, tmp_path, capsys):
+    """A task metric only lm-eval can judge fails at evaluation; the driver stops after a few, not forever."""
+    _, url = sqlite_study
+    data = small_spec(url, "e2e-bad-metric")
+    data["tasks"] = [{"name": "shakespeare_lastword", "metric": "accuracy", "limit": 2}]
+    data["constraints"] = []
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    assert main(["start", str(tmp_path / "s.yaml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 3 evaluations in a row failed; last: ValueError: tasks: metric "
+                          "shakespeare_lastword.accuracy not reported by lm-eval; available:"), err
+    failed = optuna.load_study(study_name="e2e-bad-metric", storage=url).get_trials(
+        states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 3
