@@ -22,6 +22,13 @@ DEFAULT_STORAGE = "sqlite:///dse-studies.db"
 USER_ERROR = 2
 
 
+class _CurrentStderr(logging.Handler):
+    """Log to whatever ``sys.stderr`` is at the time (not the stream of the first call)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 class UserError(Exception):
     """A mistake in the command's input; printed as one line, exit status 2."""
 
@@ -129,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s",
+                        handlers=[_CurrentStderr()], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.verbose:
         import optuna

@@ -37,7 +37,7 @@ def ray_session():
     ray.shutdown()
 
 
-def check_study(study: optuna.Study) -> None:
+def check_study(study: optuna.Study, spec) -> None:
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == TRIALS
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
@@ -56,7 +56,7 @@ def check_study(study: optuna.Study) -> None:
             assert 0.0 <= t.values[0] <= 1.0 and ev["tokens_evaluated"] > 0
         else:
             assert max(t.constraints.values()) > 0 and "eval" not in t.user_attrs
-        assert set(t.constraints) == {"fits", "decode_tokens_per_s >= 100"}
+        assert set(t.constraints) == {"fits", *(str(c) for c in spec.constraints)}
     json.dumps([t.user_attrs for t in complete])  # everything stored is plain JSON
     assert len({t.user_attrs["worker"] for t in evaluated}) >= 1
 
@@ -69,15 +69,16 @@ def sqlite_study(tmp_path_factory, ray_session):
 
 
 def test_study_on_sqlite(sqlite_study):
-    study, _ = sqlite_study
-    check_study(study)
+    study, url = sqlite_study
+    check_study(study, parse_spec(small_spec(url, "e2e-sqlite")))
 
 
 def test_study_on_postgresql(ray_session):
     name = f"e2e-pg-{os.getpid()}"
     try:
-        study = run_study(parse_spec(small_spec(PG_URL, name)), progress=False)
-        check_study(optuna.load_study(study_name=name, storage=PG_URL))
+        spec = parse_spec(small_spec(PG_URL, name))
+        study = run_study(spec, progress=False)
+        check_study(optuna.load_study(study_name=name, storage=PG_URL), spec)
         assert study.user_attrs["spec"]["storage"] == PG_URL
     finally:
         try:
@@ -145,6 +146,6 @@ def test_metric_lm_eval_does_not_report_stops_the_study_with_one_line(sqlite_stu
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: 3 evaluations in a row failed; last: ValueError: tasks: metric "
                           "shakespeare_lastword.accuracy not reported by lm-eval; available:"), err
-    failed = optuna.load_study(study_name="e2e-bad-metric", storage=url).get_trials(
-        states=(optuna.trial.TrialState.FAIL,))
-    assert len(failed) == 3
+    states = [t.state.name for t in optuna.load_study(study_name="e2e-bad-metric", storage=url).trials]
+    # three failures in a row stop the driver; the other worker's trial in flight is failed too, none left RUNNING
+    assert states.count("FAIL") in (3, 4) and set(states) == {"FAIL"}
