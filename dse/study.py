@@ -61,7 +61,8 @@ def prepare(spec: StudySpec) -> Setup:
     try:
         resolve_tasks([t.name for t in spec.tasks], seed=spec.task_seed)
     except ValueError as err:
-        raise SpecError("tasks", str(err).splitlines()[0]) from None
+        message = str(err).splitlines()[0]
+        raise SpecError("" if message.startswith("tasks") else "tasks", message) from None
     layer_names = [layer.name for layer in workload.linear_layers()]
     units = build_units(spec.space, layer_names)
     return Setup(spec, workload, Accelerator.from_dict(spec.hardware), units)

@@ -70,6 +70,7 @@ INVALID = [
     ("study", "my study!", "study: 'my study!' must be 1-100 characters"),
     ("space.grups", [], "space.grups: unknown field; allowed: groups, tie, mlgru_blocks"),
     ("model", _DELETE, "model: is required"),
+    ("tasks.0.name", "hellaswagg", "tasks: unknown lm-eval task name(s) 'hellaswagg'; local tasks: shakespeare_ppl"),
     ("space.mlgru_blocks", [3], "space.mlgru_blocks: MLGRU substitution is not available in this version"),
 ]
 
