@@ -4,6 +4,7 @@
     dse status STUDY          trial counts by state and the Pareto table
     dse export STUDY --out D  write plan.yaml, hw_report.json, evaluation.json, summary.txt of a trial
     dse dashboard             serve the Streamlit Pareto dashboard (reads the storage only)
+    dse hwcost ...            the FPGA cost model alone: devices, estimate, calibrate, test (hwcost/cli.py)
 
 A user's mistake (bad spec field, unknown study, missing model) prints one line
 ``error: <field>: <problem>`` and exits with status 2 without touching storage.
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.set_defaults(func=cmd_dashboard)
+
+    from hwcost.cli import add_hwcost_parser
+
+    add_hwcost_parser(sub)
     return parser
 
 
@@ -147,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     from dse.spec import SpecError
     from dse.study import EvaluationError
     from evaluators.models import ModelError
+    from hwcost.cli import HwcostError
 
     try:
         return args.func(args)
-    except (UserError, SpecError, ModelError, ExportError) as err:
+    except (UserError, SpecError, ModelError, ExportError, HwcostError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
     except EvaluationError as err:

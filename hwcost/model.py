@@ -4,37 +4,85 @@ First version. Every figure is a formula below applied to a catalog entry
 (``data/devices.yaml``) or a constant (``data/constants.yaml``, written ``C[...]``).
 
 Weight storage of a linear layer (in x out, N:M sparsity, format), bits
-    kept_per_row = ceil(in / M) * N                   (dense: in)
+    kept_per_row = in / M * N                         (dense: in; M must divide in, else ValueError)
     values       = kept_per_row * out * value_bits    (16 fp16, k for INT-k,
                                                         C[ternary.bits_per_weight] = 2 for ternary)
     scales       = ceil(kept_per_row / group_size) * out * 16   (INT-k, groups of kept values
                                                         along the input dim); 16 per tensor (ternary)
-    index        = ceil(in / M) * out * N * ceil(log2 M)        (N:M index metadata)
+    index        = in / M * out * N * ceil(log2 M)              (N:M index metadata)
     e.g. 2:4 INT4: per 4 weights 2*4 value + 2*2 index bits = 3 bits/weight.
 The embedding table stays FP16 off-chip (one row read per decoded token). A tied
 ``lm_head`` the plan leaves FP16 is read from the embedding table (FP16, no extra storage).
 
-Datapath: one matrix-vector engine per distinct kernel (weight format class,
-N:M pattern) in the plan, time-multiplexed over the layers that use it;
-attention's QK^T and AV products run on the FP16 dense engine.
+What is monotone in storage (tested in tests/test_hwcost_properties.py):
+* fewer weight bits (16 > 8 > 6 > 4 > 3 > 2 > ternary, same sparsity and group size) never
+  increase a layer's bytes. One exception in the total: compressing a *tied* lm_head that was
+  FP16 (shared with the embedding) stores a compressed copy next to the FP16 embedding table,
+  which the input lookup keeps (the evaluator unties it the same way), so ``weight_bytes_total``
+  grows by that copy, while the bytes read per decode step still shrink.
+* more sparsity with the same M (N:M -> N':M, N' < N) never increases bytes: values, scales
+  and index all shrink with N.
+* dense -> N:M never increases bytes iff N*ceil(log2 M) <= (M-N)*value_bits, i.e. the index
+  bits of the N kept weights fit in the value bits of the M-N pruned ones (equality: 2:4
+  ternary = dense ternary). Otherwise values + index grow by (N*ceil(log2 M) - (M-N)*b)/M
+  bits per weight, which the (smaller) saving in group scales offsets only in part or not at
+  all: 3:4 INT4 = 3*(4+2)/4 = 4.5 bits/weight > 4, 15:16 FP16 = 18.75 > 16, 3:4 ternary = 3 > 2.
+* across different M density does not order bytes: 7:16 INT4 (7*(4+4)/16 = 3.5 bits/weight)
+  is larger than the denser 1:2 INT4 ((4+1)/2 = 2.5).
+
+Datapath: one matrix-vector engine per distinct datapath (engine class, N:M pattern) in the
+plan, time-multiplexed over the layers that use it. INT-k layers run on the engine of the widest
+INT class with the same DSP packing C[macs_per_dsp] (int6 on the int8 lanes; int3 and int2 on the
+int4 lanes, narrower weights sign-extended): the lanes are identical hardware, so lowering
+8 -> 6 or 4 -> 3 -> 2 bits leaves the datapath unchanged. Attention's QK^T and AV products run
+on the FP16 dense engine.
     MAC lanes per DSP      C[macs_per_dsp][dsp_kind][class] (FP16 0.5, INT8/6 2, INT<=4 4)
     LUT per lane (DSP)     C[lane_lut][dsp_kind][fp16|int]
     LUT per lane (ternary) A + ceil(log2 fan_in), no DSP (A = C[activation_bits.ternary])
     N:M extra LUT per lane A * ceil((M-1)/3) (M:1 operand mux, a LUT6 is a 4:1 mux)
                            + ceil(log2 M)     (index decode)
     FF per lane            C[ff_per_lut] * LUT per lane + C[lane_ff_extra][class]
-Lanes are split in proportion to each engine's MACs: lanes_e = floor(kept_macs_e / T)
-with one common T = max(sum_dsp-engines(kept_e / macs_per_dsp_e) / DSP budget,
-sum_engines(kept_e * lut_per_lane_e) / LUT budget), budgets = share * resources
-after the shell. So every engine finishes its share of a decode step in ~T
-cycles and neither budget is exceeded.
+Budgets D, L = share * DSP, LUT after the shell.
+Attention lanes (reserved first, on the FP16 engine): decode attention is a matrix-vector product
+over the KV cache, heads / (kv_heads * C[kv_bytes_per_value]) MACs per cache byte, so it gets the
+lanes that consume the cache at the memory bandwidth,
+    att = ceil(bytes_per_cycle * heads / (kv_heads * C[kv_bytes_per_value])),
+capped at ATTENTION_BUDGET_CAP (0.5, assumption) of either budget and at least 1. They do not
+depend on the context length, so one accelerator serves every context with the same lanes.
+Linear engines share what is left. The rows of a decode step run one after another, so the
+step's compute is sum_e kept_e / lanes_e; lanes minimise it under sum_e lanes_e * dsp_e <= D and
+sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp_e, 0 for ternary; lut_e = LUT per lane):
+    lanes_e = floor(s * sqrt(kept_e / p_e)),  p_e = theta * dsp_e / D + (1 - theta) * lut_e / L
+(Lagrange; theta in [0, 1] by grid + golden-section search, s the largest scale both budgets
+allow; at least 1 lane). One engine alone gets min(D / dsp_e, L / lut_e) lanes.
+(Until this version lanes were split in proportion to kept MACs, lanes_e = kept_e / T, which
+is right for engines running concurrently but not for rows summed in sequence: a plan adding
+one INT3 layer to an FP16 LLaMA-7B gave the INT3 engine 1 lane, 16.7 M cycles for that layer.)
+
+What is monotone in decode latency (tested):
+* lowering a layer's bits within one engine class (8 -> 6, 4 -> 3 -> 2) leaves every row's
+  compute cycles unchanged, so it never increases latency (memory-bound or not);
+  across engine classes (16 -> 8, 6 -> 4, 2 -> ternary) the layer moves to another engine whose
+  lanes come out of the same budgets, so latency is only guaranteed not to increase when both
+  plans are memory-bound (MLGRU recurrence rows aside). A memory-bound plan can get slower,
+  for two reasons: (1) a real area trade-off: a new engine needs its own bandwidth-matched
+  lanes, taken from the others, when the budget is nearly used up (a datapath that ran narrow
+  weights on the wider engine's lanes would avoid it; this model builds one engine per class);
+  (2) the square-root split minimises the compute sum, not sum_rows max(compute, memory), so
+  it leaves a small new engine compute-bound even when a memory-aware split would keep every
+  row memory-bound (e.g. LLaMA2-7B all FP16 on U250 at 100 MHz, 5 % DSP/LUT shares, efficiency
+  0.3: one k_proj FP16 -> INT6 gets a 15-lane INT8 engine and the step goes 573.5 -> 583.2 ms).
+  A memory-aware split is left for later.
+* context length: lanes do not depend on it, so an MLGRU-only plan's decode latency is constant
+  and a plan with an attention block gets strictly slower (KV read and MACs grow with L).
 
 Per decode step (batch B sequences, one token each), per row of the report
     linear     macs = B*in*out, kept = B*kept_per_row*out, compute_cycles = kept / lanes_e,
                memory bytes = weight bytes if streamed else 0
     attention  macs = B*2*heads*head_dim*L (L = context_length), on the FP16 engine,
                + softmax B*heads*L*C[softmax_ops_per_score] / C[special_function_unit.lanes];
-               kv_bytes = B * 2*kv_heads*head_dim*L * C[kv_bytes_per_value]
+               kv_bytes = B * 2*kv_heads*head_dim*L * C[kv_bytes_per_value]  (L counts the decoded
+               token, whose K and V are written while the L-1 cached ones are read)
     mlgru      no KV cache (state on chip); B*hidden*C[mlgru_ops_per_channel] / SFU lanes cycles
     embedding  B * hidden * 2 bytes (one FP16 row per token)
     memory_cycles = bytes / (peak GB/s * 1e9 * mem_efficiency / (clock MHz * 1e6))
@@ -53,7 +101,8 @@ constraint_violation = max(0, max_r(util_r / cap_r - 1), offchip_util / cap - 1)
 
 Energy per decode step, J: static_w * step_s
     + kept MACs * pJ/MAC(class) * C[fpga_overhead]      (Horowitz 45 nm: fp16 fmul16+fadd16,
-                                                          INT-k mul8*(k*A/64)+add32, ternary add8)
+                                                          INT-k mul8*(k*A/64)+add32, ternary add8;
+                                                          the layer's own class, also on wider lanes)
     + off-chip bytes * 8 * C[offchip_pj_per_bit][memory]
     + on-chip bytes (resident weights, activation buffers) * sram_read32/4 * C[fpga_overhead];
 j_per_token = step energy / B; power_w = step energy / step_s.
@@ -73,6 +122,8 @@ from hwcost.workload import Workload
 
 RESOURCES = ("lut", "ff", "dsp", "bram36", "uram")
 _DENSE_FP16 = LayerPlan("", None, FP16)  # what an unnamed layer gets
+ATTENTION_BUDGET_CAP = 0.5
+"""Assumption: attention's bandwidth-matched lanes take at most this share of the DSP and LUT budgets."""
 _CAP_KEY = {"lut": "lut", "ff": "ff", "dsp": "dsp", "bram36": "bram", "uram": "uram"}
 
 METRICS: dict[str, dict[str, str]] = {
@@ -142,6 +193,18 @@ def kernel_class(fmt: WeightFormat) -> str:
     return "fp16" if fmt.is_float else ("ternary" if fmt.is_ternary else f"int{fmt.bits}")
 
 
+@lru_cache(maxsize=None)
+def engine_class(cls: str, dsp_kind: str) -> str:
+    """The kernel class whose engine runs layers of class ``cls``: the widest INT class with the same
+    DSP packing (C[macs_per_dsp][dsp_kind]) for INT-k, e.g. int6 -> int8, int3 and int2 -> int4 on
+    DSP48E2 (narrower weights sign-extended into the same lanes); fp16 and ternary run on their own."""
+    if cls in ("fp16", "ternary"):
+        return cls
+    packing = constants()["macs_per_dsp"][dsp_kind]
+    same = [k for k in packing if k.startswith("int") and packing[k] == packing[cls]]
+    return max(same, key=lambda k: int(k[3:]))
+
+
 def activation_bits(cls: str) -> int:
     """Bits of the activation operand of a kernel class (C[activation_bits])."""
     key = cls if cls in ("fp16", "ternary") else "int"
@@ -183,8 +246,8 @@ def _label(sparsity: Sparsity | None, fmt: WeightFormat) -> str:
 class EngineCost:
     """One matrix-vector engine: ``lanes`` MACs/cycle and the resources they take.
 
-    ``kept_macs``: MACs per decode step it computes (attention counted with at least one
-    token of context), which sizes it; ``lut_per_lane``/``ff_per_lane``
+    ``kept_macs``: MACs per decode step it computes (attention over the context included);
+    ``attention_lanes``: lanes of the FP16 engine reserved for attention; ``lut_per_lane``/``ff_per_lane``
     in LUT/FF; ``macs_per_dsp`` 0 for LUT-only (ternary) engines; ``pj_per_mac`` in pJ at 45 nm.
     """
 
@@ -198,6 +261,7 @@ class EngineCost:
     ff_per_lane: float = 0.0
     pj_per_mac: float = 0.0
     fan_in: int = 0
+    attention_lanes: int = 0
     dsp: int = 0
     lut: int = 0
     ff: int = 0
@@ -223,22 +287,80 @@ def _engine(cls: str, sparsity: Sparsity | None, fan_in: int, dsp_kind: str) -> 
                       ff_per_lane=c["ff_per_lut"] * lut + extra, pj_per_mac=pj_per_mac(cls), fan_in=fan_in)
 
 
-def size_engines(engines: list[EngineCost], dsp_budget: float, lut_budget: float) -> float:
-    """Give each engine lanes = floor(kept_macs / T) (at least 1); returns T, cycles per decode step.
+_LANE_GUARD = 1e-9  # relative: a lane count a budget affords exactly is not lost to float rounding
 
-    T = max(sum over DSP engines of kept/macs_per_dsp / dsp_budget,
-            sum over engines of kept*lut_per_lane / lut_budget).
-    Fills ``lanes``, ``dsp`` = ceil(lanes / macs_per_dsp), ``lut``, ``ff`` in place.
+
+def _sqrt_lanes(kept: list[float], dsp_cost: list[float], lut_cost: list[float],
+                dsp_budget: float, lut_budget: float, theta: float) -> tuple[list[float], float]:
+    """Continuous lanes x_e = s * sqrt(kept_e / p_e) for the price p_e = theta*dsp_e/D + (1-theta)*lut_e/L,
+    scaled by s so that both budgets hold; returns (lanes, sum_e kept_e / x_e)."""
+    raw = [math.sqrt(k / max(theta * d / dsp_budget + (1.0 - theta) * lu / lut_budget, 1e-300))
+           for k, d, lu in zip(kept, dsp_cost, lut_cost)]
+    use = max(sum(d * r for d, r in zip(dsp_cost, raw)) / dsp_budget,
+              sum(lu * r for lu, r in zip(lut_cost, raw)) / lut_budget)
+    lanes = [r / use for r in raw]
+    return lanes, sum(k / x for k, x in zip(kept, lanes))
+
+
+def size_engines(engines: list[EngineCost], dsp_budget: float, lut_budget: float) -> float:
+    """Lanes minimising the compute cycles of one decode step, sum_e kept_e / lanes_e; returns that sum.
+
+    The rows of a decode step run one after another, each on its engine, so the engines are
+    time-multiplexed in sequence and the step's compute is sum_e kept_e / lanes_e. Minimising it
+    under sum_e lanes_e * dsp_e <= D and sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp,
+    0 for ternary; lut_e = lut_per_lane) gives lanes_e = s * sqrt(kept_e / p_e) with the price
+    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by a grid and
+    golden-section search, s the largest scale both budgets allow. One engine gets
+    min(D / dsp_e, L / lut_e) lanes. lanes_e = max(1, floor(x_e)); fills ``lanes``,
+    ``dsp`` = ceil(lanes / macs_per_dsp), ``lut``, ``ff`` in place.
     """
-    t_dsp = sum(e.kept_macs / e.macs_per_dsp for e in engines if e.uses_dsp) / max(dsp_budget, 1e-9)
-    t_lut = sum(e.kept_macs * e.lut_per_lane for e in engines) / max(lut_budget, 1e-9)
-    t = max(t_dsp, t_lut, 1e-12)
+    active = [e for e in engines if e.kept_macs > 0]
+    if active:
+        kept = [e.kept_macs for e in active]
+        dsp_cost = [1.0 / e.macs_per_dsp if e.uses_dsp else 0.0 for e in active]
+        lut_cost = [e.lut_per_lane for e in active]
+        dsp_budget, lut_budget = max(dsp_budget, 1e-9), max(lut_budget, 1e-9)
+
+        def cost(theta: float) -> float:
+            return _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta)[1]
+
+        if any(dsp_cost):
+            grid = [i / 16 for i in range(17)]
+            values = [cost(t) for t in grid]
+            best = min(range(len(grid)), key=values.__getitem__)
+            lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+            ratio = (math.sqrt(5) - 1) / 2
+            for _ in range(30):
+                a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+                if cost(a) <= cost(b):
+                    hi = b
+                else:
+                    lo = a
+            theta = min((lo, hi, grid[best]), key=cost)
+        else:
+            theta = 0.0  # no DSP engine: the LUT budget alone
+        lanes, _ = _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta)
+        for e, x in zip(active, lanes):
+            e.lanes = max(1, int(x * (1 + _LANE_GUARD)))
     for e in engines:
-        e.lanes = max(1, int(e.kept_macs / t))
-        e.dsp = math.ceil(e.lanes / e.macs_per_dsp) if e.uses_dsp else 0
-        e.lut = math.ceil(e.lanes * e.lut_per_lane)
-        e.ff = math.ceil(e.lanes * e.ff_per_lane)
-    return t
+        _fill_resources(e)
+    return sum(e.kept_macs / e.lanes for e in active)
+
+
+def _fill_resources(e: EngineCost) -> None:
+    e.dsp = math.ceil(e.lanes / e.macs_per_dsp) if e.uses_dsp else 0
+    e.lut = math.ceil(e.lanes * e.lut_per_lane)
+    e.ff = math.ceil(e.lanes * e.ff_per_lane)
+
+
+def attention_lanes(workload: Workload, bytes_per_cycle: float, kv_bytes_per_value: int) -> float:
+    """FP16 lanes that read the KV cache at the memory bandwidth: bytes/cycle * heads / (kv_heads * bytes/value).
+
+    Decode attention (QK^T and AV) is a matrix-vector product over the cache: per cached token and
+    sequence 2*heads*head_dim MACs on 2*kv_heads*head_dim cached values, so more lanes than this
+    cannot make it faster, whatever the context length.
+    """
+    return bytes_per_cycle * workload.heads / (workload.kv_heads * kv_bytes_per_value)
 
 
 # ---------------------------------------------------------------------------- report
@@ -345,6 +467,19 @@ def _layer_names(workload: Workload) -> frozenset[str]:
     return frozenset(workload.layer_names())
 
 
+@lru_cache(maxsize=64)
+def _in_features(workload: Workload) -> dict[str, int]:
+    """in_features of every layer a plan may name (attention, MLGRU and MLP projections, lm_head)."""
+    layers = workload.linear_layers() + workload.linear_layers(range(workload.num_layers))
+    return {layer.name: layer.in_features for layer in layers}
+
+
+def _check_m_divides(name: str, sparsity: Sparsity | None, in_features: int, inherited: str = "") -> None:
+    if sparsity is not None and in_features % sparsity.m:
+        suffix = f" (plan inherited from '{inherited}')" if inherited else ""
+        raise ValueError(f"layer {name}: M={sparsity.m} does not divide in_features {in_features}{suffix}")
+
+
 @lru_cache(maxsize=256)
 def _structure(workload: Workload, mlgru: frozenset[int]) -> tuple:
     """(all linear layers, per-block (mixer layers, mlp layers)) for a set of MLGRU blocks (cached)."""
@@ -360,6 +495,7 @@ def _check_plan(plan: ModelPlan, workload: Workload) -> None:
             example = workload.linear_layers()[0].name
             raise ValueError(f"plan layer '{lp.name}' is not a linear layer of the workload "
                              f"(e.g. '{example}', 'lm_head')")
+        _check_m_divides(lp.name, lp.sparsity, _in_features(workload)[lp.name])
     for bp in plan.blocks:
         if not 0 <= bp.index < workload.num_layers:
             raise ValueError(f"plan block {bp.index} is not in 0..{workload.num_layers - 1}")
@@ -368,9 +504,14 @@ def _check_plan(plan: ModelPlan, workload: Workload) -> None:
 def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwReport:
     """Cost of ``plan`` for ``workload`` on ``accel`` (formulas in the module docstring).
 
-    Raises ValueError when the plan names a layer or block the workload does not have.
+    Raises ValueError (one line naming the field) when the plan names a layer or block the workload
+    does not have, when an N:M pattern's M does not divide a layer's in_features, or when the
+    accelerator's clock is not a positive number of MHz.
     """
     _check_plan(plan, workload)
+    clock = accel.clock_mhz
+    if isinstance(clock, bool) or not isinstance(clock, (int, float)) or not 0 < clock < math.inf:
+        raise ValueError(f"hardware.clock_mhz: {clock!r} is not a positive number of MHz")
     c = constants()
     dev = accel.dev
     mem = dev.memory(accel.memory_kind)
@@ -399,7 +540,9 @@ def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwRepor
     fan_in: dict[tuple, int] = {}
     for layer in layers:
         lp = plan_of(layer.name)
-        key = (kernel_class(lp.fmt), lp.sparsity)
+        if lp.sparsity is not None and lp.name != layer.name:  # an MLGRU projection inheriting a plan
+            _check_m_divides(layer.name, lp.sparsity, layer.in_features, inherited=lp.name)
+        key = (engine_class(kernel_class(lp.fmt), dev.dsp_kind), lp.sparsity)
         row_kept = kept_per_row(layer.in_features, lp.sparsity)
         nbytes = storage_bytes(layer.in_features, layer.out_features, lp.sparsity, lp.fmt)
         info[layer.name] = (lp, row_kept * layer.out_features, nbytes, key)
@@ -412,10 +555,21 @@ def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwRepor
     engines = {key: _engine(key[0], key[1], fi, dev.dsp_kind) for key, fi in fan_in.items()}
     for lp, kept, nbytes, key in info.values():
         engines[key].kept_macs += B * kept
-    if attn_blocks:  # sized with at least one token of context so that prefill attention has lanes
-        engines[fp16_key].kept_macs += B * 2 * workload.heads * workload.head_dim * max(L, 1) * len(attn_blocks)
     avail = dev.available()
-    size_engines(list(engines.values()), accel.dsp_share * avail["dsp"], accel.lut_share * avail["lut"])
+    dsp_budget, lut_budget = accel.dsp_share * avail["dsp"], accel.lut_share * avail["lut"]
+    att_lanes = 0
+    if attn_blocks:  # bandwidth-matched attention lanes, reserved first: the same for every context length
+        e16 = engines[fp16_key]
+        cap = ATTENTION_BUDGET_CAP * min(dsp_budget * e16.macs_per_dsp, lut_budget / e16.lut_per_lane)
+        att_lanes = max(1, min(math.ceil(attention_lanes(workload, bpc, kv_value)), math.floor(cap)))
+        dsp_budget -= att_lanes / e16.macs_per_dsp
+        lut_budget -= att_lanes * e16.lut_per_lane
+    size_engines(list(engines.values()), dsp_budget, lut_budget)
+    if attn_blocks:
+        e16.lanes += att_lanes
+        e16.attention_lanes = att_lanes
+        e16.kept_macs += attn_macs * len(attn_blocks)
+        _fill_resources(e16)
 
     # -- weight bytes
     lm_shares = workload.tied_embeddings and plan_of("lm_head").is_identity
@@ -506,7 +660,7 @@ def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwRepor
     overhead = float(c["fpga_overhead"])
     sram_pj_per_byte = c["energy_pj_45nm"]["sram_read32"] / 4.0
     pj_attention = engines[fp16_key].pj_per_mac if attn_blocks else 0.0
-    compute_pj = sum(B * kept * engines[key].pj_per_mac for _, kept, _, key in info.values())
+    compute_pj = sum(B * kept * pj_per_mac(kernel_class(lp.fmt)) for lp, kept, _, _ in info.values())
     compute_j = (compute_pj + attn_macs * len(attn_blocks) * pj_attention) * overhead * 1e-12
     offchip_j = sum(row.memory_bytes for row in rows) * 8 * c["offchip_pj_per_bit"][mem.kind] * 1e-12
     act_traffic = sum(B * (layer.in_features + layer.out_features) * act_bytes for layer in layers)

@@ -1,0 +1,521 @@
+"""The ``dse hwcost`` commands (also ``python -m hwcost.cli``): the cost model without a study.
+
+    dse hwcost devices  [--devices-file F] [--json]            the device catalog (+ user devices)
+    dse hwcost estimate --model-config PATH|NAME
+                        (--plan PLAN.yaml | --weights FMT [--sparsity N:M] [--group-size G] [--mixer M])
+                        --device ID [--clock-mhz F] [--accel ACCEL.yaml]
+                        [--batch B] [--context C] [--prompt P] [--devices-file F] [--json] [--all-layers]
+    dse hwcost test [-- PYTEST ARGS]                            rerun the cost-model tests
+
+A mistake in the input raises :class:`HwcostError` whose one-line message starts
+with the flag it concerns (``--sparsity: '4:4' is not N:M with 0 < N < M``);
+``dse.cli`` prints it as ``error: <message>`` and exits 2. Like the rest of
+hwcost this module imports neither torch nor optuna.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dse.plan import BlockPlan, LayerPlan, ModelPlan, PlanError, Sparsity, WeightFormat
+from hwcost.accelerator import CLOCK_RANGE_MHZ, Accelerator
+from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices,
+                            load_devices_file, user_devices)
+from hwcost.workload import BUILTIN_CONFIGS, Workload
+
+USER_ERROR = 2
+WEIGHT_CHOICES = {"fp16": "16", "int8": "8", "int6": "6", "int4": "4", "int3": "3", "int2": "2",
+                  "ternary": "ternary"}
+"""``--weights`` value -> :class:`~dse.plan.WeightFormat` name."""
+SUITE_ENV = "HWCOST_SUITE_RUNNING"
+"""Set in the environment of the pytest process ``dse hwcost test`` starts (its own test skips itself)."""
+TEST_GLOBS = ("test_hwcost*.py", "test_workload_families.py")
+FLAG_OF_FIELD = {"device": "--device", "clock_mhz": "--clock-mhz", "batch": "--batch",
+                 "context_length": "--context", "prompt_length": "--prompt"}
+
+
+class HwcostError(ValueError):
+    """A mistake in a ``dse hwcost`` command's input: one line ``<flag>: <problem and what is allowed>``."""
+
+
+# ---------------------------------------------------------------------------- argparse
+def _one_line(message: str) -> str:
+    prefix = "the following arguments are required: "
+    if message.startswith(prefix):
+        missing = message[len(prefix):]
+        if missing.startswith("{"):  # a subcommand
+            return f"hwcost: a subcommand is required; allowed: {missing.strip('{}').replace(',', ', ')}"
+        return f"{missing}: is required"
+    prefix = "unrecognized arguments: "
+    if message.startswith(prefix):
+        return f"{message[len(prefix):].split()[0]}: unknown argument (see --help)"
+    if message.startswith("argument "):
+        return message[len("argument "):]
+    return message
+
+
+def _one_line_error(message: str):
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(USER_ERROR)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (missing or unknown flags) are one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        _one_line_error(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def add_hwcost_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``hwcost`` and its subcommands on ``subparsers`` (``dse``'s); each sets ``func(args) -> int``."""
+    p = subparsers.add_parser("hwcost", help="the FPGA cost model alone: devices, estimate, test",
+                              description="The analytical FPGA cost model without a study.")
+    p.error = _one_line_error  # one line for a missing subcommand too
+    add_subcommands(p)
+    return p
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="hwcost_command", required=True, parser_class=_OneLineParser,
+                                metavar="{devices,estimate,test}")
+
+    p = sub.add_parser("devices", help="list the device catalog (and devices from --devices-file)")
+    p.add_argument("--devices-file", metavar="FILE.yaml", help="user devices to add to the catalog")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("estimate", help="cost of a plan for a model on a device",
+                       description="Cost of a uniform plan (--weights ...) or a plan file (--plan) for a model "
+                                   "shape on an FPGA accelerator.")
+    p.add_argument("--model-config", required=True, metavar="PATH|NAME",
+                   help=f"config.json, a model directory, or one of {', '.join(BUILTIN_CONFIGS)}")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--plan", metavar="PLAN.yaml", help="plan.yaml written by 'dse export', or a ModelPlan mapping")
+    source.add_argument("--weights", metavar="FMT", help=f"uniform weight format: {', '.join(WEIGHT_CHOICES)}")
+    p.add_argument("--sparsity", metavar="N:M", help="uniform N:M sparsity (default dense)")
+    p.add_argument("--group-size", metavar="G", help="quantisation group size of INT formats (default 128)")
+    p.add_argument("--mixer", metavar="MIXER", help="token mixer of every block: attention or mlgru "
+                                                    "(default: the model's own)")
+    p.add_argument("--keep-lm-head", action="store_true", help="leave lm_head FP16 dense in a uniform plan")
+    p.add_argument("--device", metavar="ID", help="device name (dse hwcost devices lists them)")
+    p.add_argument("--clock-mhz", metavar="F", help="datapath clock, MHz")
+    p.add_argument("--accel", metavar="ACCEL.yaml", help="Accelerator fields (the spec's hardware: keys); "
+                                                         "flags override them")
+    p.add_argument("--batch", metavar="B", help="sequences decoded together")
+    p.add_argument("--context", metavar="C", help="tokens of KV cache per decode step")
+    p.add_argument("--prompt", metavar="P", help="prompt tokens for the prefill latency")
+    p.add_argument("--devices-file", metavar="FILE.yaml", help="user devices to add to the catalog")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--all-layers", action="store_true", help="every row of the per-layer table")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("test", help="rerun the cost-model test suite (pytest) and print its summary")
+    p.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG", help="extra pytest arguments (after --)")
+    p.set_defaults(func=cmd_test)
+
+
+# ---------------------------------------------------------------------------- value parsing
+def _int_flag(text: str | None, flag: str, low: int) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise HwcostError(f"{flag}: {text!r} is not an integer >= {low}")
+    return value
+
+
+def _clock(text: str | None) -> float | None:
+    if text is None:
+        return None
+    lo, hi = CLOCK_RANGE_MHZ
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:
+        raise HwcostError(f"--clock-mhz: {text} is not a number in [{lo:g}, {hi:g}] MHz")
+    return value
+
+
+def _read_yaml(path: str, flag: str):
+    p = Path(path)
+    if not p.is_file():
+        raise HwcostError(f"{flag}: file '{p}' does not exist")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise HwcostError(f"{flag}: {p}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+
+
+def load_user_devices(path: str | None) -> dict:
+    """Devices of ``--devices-file`` (empty without one)."""
+    if not path:
+        return {}
+    try:
+        return load_devices_file(path)
+    except DeviceFileError as err:
+        raise HwcostError(f"--devices-file: {err}") from None
+
+
+def load_workload(ref: str) -> Workload:
+    try:
+        return Workload.resolve(ref)
+    except ValueError as err:
+        raise HwcostError(f"--model-config: {err}") from None
+
+
+def build_accelerator(args) -> Accelerator:
+    """Accelerator from ``--accel`` overridden by the flags; errors name the flag or ``--accel: hardware.<field>``."""
+    values: dict = {}
+    if args.accel:
+        data = _read_yaml(args.accel, "--accel")
+        if isinstance(data, dict) and set(data) == {"hardware"}:
+            data = data["hardware"]
+        if not isinstance(data, dict):
+            raise HwcostError("--accel: expected a mapping of Accelerator fields (the spec's hardware: keys)")
+        values.update(data)
+    flags = {"device": args.device, "clock_mhz": _clock(args.clock_mhz), "batch": _int_flag(args.batch, "--batch", 1),
+             "context_length": _int_flag(args.context, "--context", 0),
+             "prompt_length": _int_flag(args.prompt, "--prompt", 1)}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    devices = list_devices()
+    if "device" in flags and flags["device"] not in devices:
+        raise HwcostError(f"--device: '{flags['device']}' is not in the catalog; allowed: {', '.join(devices)}")
+    if "device" not in flags and "device" not in values:
+        raise HwcostError(f"--device: is required (or 'device' in --accel); allowed: {', '.join(devices)}")
+    values.update(flags)
+    try:
+        return Accelerator.from_dict(values)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        field = message.split(":", 1)[0].removeprefix("hardware.")
+        if field in flags:
+            raise HwcostError(f"{FLAG_OF_FIELD[field]}:{message.split(':', 1)[1]}") from None
+        raise HwcostError(f"--accel: {message}") from None
+
+
+# ---------------------------------------------------------------------------- plans
+def _mixer_blocks(workload: Workload, mixer: str | None, flag: str) -> tuple[BlockPlan, ...]:
+    if mixer is None:
+        mixer = workload.token_mixer
+    if mixer not in ("attention", "mlgru"):
+        raise HwcostError(f"{flag}: {mixer!r} is not one of attention, mlgru")
+    if mixer == "attention" and workload.token_mixer == "mlgru":
+        raise HwcostError(f"{flag}: model_type {workload.model_type} has no attention blocks; allowed: mlgru")
+    if mixer == "mlgru":
+        return tuple(BlockPlan(i, "mlgru") for i in range(workload.num_layers))
+    return ()
+
+
+def uniform_plan(workload: Workload, args) -> ModelPlan:
+    """The plan ``--weights/--sparsity/--group-size/--mixer`` describe, on every linear layer."""
+    if args.weights is None:
+        raise HwcostError(f"--weights: give --weights ({', '.join(WEIGHT_CHOICES)}) or --plan PLAN.yaml")
+    key = str(args.weights).strip().lower()
+    if key not in WEIGHT_CHOICES:
+        raise HwcostError(f"--weights: '{args.weights}' is not one of {', '.join(WEIGHT_CHOICES)}")
+    group = _int_flag(args.group_size, "--group-size", 1) or 128
+    try:
+        sparsity = Sparsity.parse(args.sparsity)
+    except PlanError as err:
+        raise HwcostError(f"--sparsity: {err}") from None
+    blocks = _mixer_blocks(workload, args.mixer, "--mixer")
+    fmt = WeightFormat(WEIGHT_CHOICES[key], group)
+    layers = workload.linear_layers(bp.index for bp in blocks)
+    return ModelPlan(layers=tuple(LayerPlan(layer.name, sparsity, fmt) for layer in layers
+                                  if not (args.keep_lm_head and layer.name == "lm_head")), blocks=blocks)
+
+
+def load_plan(path: str, workload: Workload) -> ModelPlan:
+    """A plan file: ``dse export``'s plan.yaml (top-level ``plan``) or a bare ModelPlan mapping, checked
+    against ``workload`` (layer names, block indices, mixers)."""
+    data = _read_yaml(path, "--plan")
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+        data = data["plan"]
+    if not isinstance(data, dict) or not ({"layers", "blocks"} & set(data)):
+        raise HwcostError("--plan: expected a ModelPlan mapping (version, layers, blocks) or a 'dse export' "
+                          "plan.yaml with a top-level 'plan'")
+    for key in ("layers", "blocks"):
+        if not isinstance(data.get(key) or [], list):
+            raise HwcostError(f"--plan: {key}: expected a list")
+    for i, item in enumerate(data.get("layers") or []):
+        try:
+            LayerPlan.from_dict(item)
+        except KeyError as err:
+            raise HwcostError(f"--plan: layers[{i}].{err.args[0]}: is required") from None
+        except (TypeError, AttributeError):
+            raise HwcostError(f"--plan: layers[{i}]: expected a mapping with name, sparsity, format, "
+                              "group_size") from None
+        except ValueError as err:
+            raise HwcostError(f"--plan: layers[{i}] ({item.get('name')}): {err}") from None
+    for i, item in enumerate(data.get("blocks") or []):
+        try:
+            BlockPlan.from_dict(item)
+        except KeyError as err:
+            raise HwcostError(f"--plan: blocks[{i}].{err.args[0]}: is required") from None
+        except (TypeError, AttributeError, ValueError) as err:
+            raise HwcostError(f"--plan: blocks[{i}]: {err or 'expected a mapping with index, mixer'}") from None
+    try:
+        plan = ModelPlan.from_dict({**data, "layers": data.get("layers") or [], "blocks": data.get("blocks") or []})
+    except (ValueError, TypeError) as err:
+        raise HwcostError(f"--plan: {err}") from None
+    names = workload.layer_names()
+    for lp in plan.layers:
+        if lp.name not in names:
+            raise HwcostError(f"--plan: layer '{lp.name}' is not in the workload ({workload.num_layers} blocks)")
+    for bp in plan.blocks:
+        if not 0 <= bp.index < workload.num_layers:
+            raise HwcostError(f"--plan: block {bp.index} is not in the workload (blocks 0..{workload.num_layers - 1})")
+        if bp.mixer == "attention" and workload.token_mixer == "mlgru":
+            raise HwcostError(f"--plan: block {bp.index} mixer 'attention': model_type {workload.model_type} has no "
+                              "attention; allowed: mlgru")
+    native = workload.native_mlgru_blocks()
+    if native:  # the model's own MLGRU blocks are MLGRU whatever the plan says
+        given = {bp.index for bp in plan.blocks}
+        plan = ModelPlan(layers=plan.layers, version=plan.version,
+                         blocks=plan.blocks + tuple(BlockPlan(i, "mlgru") for i in sorted(native - given)))
+    return plan
+
+
+def check_nm_divides(plan: ModelPlan, workload: Workload, flag: str) -> None:
+    """Every N:M pattern's M must divide the input width of the layer it applies to (MLGRU projections
+    inherit their attention counterpart's plan)."""
+    named = {lp.name: lp for lp in plan.layers}
+    mlgru = {bp.index for bp in plan.blocks if bp.mixer == "mlgru"}
+    for layer in workload.linear_layers(mlgru):
+        lp = named.get(layer.name)
+        if lp is None and ".mlgru." in layer.name:
+            lp = named.get(workload.mlgru_counterpart(layer.name))
+        if lp is not None and lp.sparsity is not None and layer.in_features % lp.sparsity.m:
+            raise HwcostError(f"{flag}: M={lp.sparsity.m} does not divide in_features {layer.in_features} "
+                              f"of {layer.name}")
+
+
+# ---------------------------------------------------------------------------- output
+def format_table(rows: list[list], headers: list[str], right: set[int] | None = None) -> str:
+    """Plain aligned text table; columns in ``right`` (indices) are right-aligned."""
+    right = right or set()
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _bytes(value: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def device_rows(user: dict) -> list[dict]:
+    """One dict per known device (catalog then user), with ``origin`` and ``overrides_catalog``."""
+    catalog = set(catalog_names())
+    out = []
+    for name in list_devices():
+        dev = get_device(name)
+        d = dev.to_dict()
+        d.update(alm=dev.alm, bram_blocks=dev.bram_blocks, bram_block_kbits=dev.bram_block_kbits,
+                 origin="user" if name in user else "catalog", overrides_catalog=name in user and name in catalog)
+        out.append(d)
+    return out
+
+
+def devices_text(rows: list[dict]) -> str:
+    table = []
+    for d in rows:
+        dev = get_device(d["name"])
+        logic = f"{_n(dev.alm)} ALM" if dev.alm else f"{_n(dev.lut)} LUT"
+        bram = f"{_n(dev.bram_blocks)} " + ("BRAM36" if dev.bram_block_kbits == 36 else
+                                           "M20K" if dev.bram_block_kbits == 20 else f"x{dev.bram_block_kbits}Kib")
+        mems = sorted(dev.memories, key=lambda m: m.kind != dev.default_memory)
+        source = d["source"] + (" (overrides the catalog entry)" if d["overrides_catalog"] else "")
+        table.append([d["name"], logic, _n(dev.ff), _n(dev.dsp), bram, _n(dev.uram),
+                      "+".join(m.kind for m in mems), "/".join(f"{m.gbps:g}" for m in mems),
+                      "/".join(f"{m.gb:g}" for m in mems), f"{dev.static_w:g}", source])
+    headers = ["device", "LUT/ALM", "FF", "DSP", "BRAM36/M20K", "URAM", "memory", "GB/s", "GiB", "static W", "source"]
+    text = format_table(table, headers, right={1, 2, 3, 4, 5, 7, 8, 9})
+    overrides = [d["name"] for d in rows if d["overrides_catalog"]]
+    if overrides:
+        text += "\n" + "\n".join(f"note: '{name}' from --devices-file overrides the catalog entry" for name in overrides)
+    return text
+
+
+def report_json(report, workload: Workload, plan: ModelPlan, accel: Accelerator, meta: dict) -> dict:
+    """The ``--json`` object: every HwReport field, ``weight_bytes``, ``resources`` per resource
+    (used, available, utilisation, cap) and ``layers`` rows with their ``cycles``."""
+    d = report.to_dict()
+    used, avail = d.pop("resources"), d.pop("available")
+    util, caps = d.pop("utilisation"), d.pop("caps")
+    layers = d.pop("layers")
+    out = {
+        "model": {"ref": meta["model"], "model_type": workload.model_type, "family": workload.family,
+                  "blocks": workload.num_layers, "parameters": workload.param_count()},
+        "plan": {"source": meta["plan"], "hash": plan.hash, "summary": plan.summary(),
+                 "mlgru_blocks": sum(1 for bp in plan.blocks if bp.mixer == "mlgru")},
+        "accelerator": accel.to_dict(),
+        **d,
+        "weight_bytes": report.weight_bytes_total,
+        "resources": {r: {"used": used[r], "available": avail.get(r), "utilisation": util.get(r),
+                          "cap": caps.get(r)} for r in used},
+        "layers": [{**row, "cycles": max(row.get("compute_cycles", 0.0), row.get("memory_cycles", 0.0))}
+                   for row in layers],
+    }
+    return out
+
+
+def report_text(report, workload: Workload, plan: ModelPlan, accel: Accelerator, meta: dict,
+                all_layers: bool = False) -> str:
+    dev = get_device(report.device)
+    mem = dev.memory(report.memory)
+    mlgru = sum(1 for bp in plan.blocks if bp.mixer == "mlgru")
+    mixers = (f"MLGRU in all {workload.num_layers} blocks" if mlgru == workload.num_layers else
+              f"attention in {workload.num_layers - mlgru} blocks" + (f", MLGRU in {mlgru}" if mlgru else ""))
+    summary = ", ".join(f"{n} x {label}" for label, n in plan.summary().items()) or "all FP16 dense"
+    lines = [
+        f"model    {meta['model']}: {workload.model_type or workload.family}, {workload.num_layers} blocks, "
+        f"hidden {workload.hidden}, {workload.param_count() / 1e6:.1f} M parameters",
+        f"plan     {meta['plan']}: {summary}; {mixers} (hash {plan.hash})",
+        f"device   {dev.name} ({dev.part}), {mem.kind} {mem.gbps:g} GB/s x {accel.efficiency:.3g} efficiency, "
+        f"{mem.gb:g} GiB",
+        f"accel    {report.clock_mhz:g} MHz, weights {report.weights}, batch {report.batch}, "
+        f"context {report.context_length}, prompt {report.prompt_length}",
+        "",
+    ]
+    rows = [[r, _n(report.resources[r]), _n(report.available[r]), f"{report.utilisation[r]:.1%}",
+             f"{report.caps[r]:.0%}", "over cap" if r in report.violations else ""] for r in report.resources]
+    rows.append(["off-chip", _bytes(report.offchip_bytes), _bytes(report.offchip_capacity_bytes),
+                 f"{report.offchip_bytes / max(report.offchip_capacity_bytes, 1):.1%}", "",
+                 "over cap" if "offchip_capacity" in report.violations else ""])
+    lines.append(format_table(rows, ["resource", "used", "available", "util", "cap", ""], right={1, 2, 3, 4}))
+    lines += [
+        "",
+        f"fits     {'yes' if report.fits else 'NO'} (violations: {', '.join(report.violations) or 'none'})",
+        f"decode   {report.decode_ms_per_token:.3f} ms/token, {report.decode_tokens_per_s:.2f} tokens/s",
+        f"prefill  {report.prefill_ms:.1f} ms for {report.prompt_length} prompt tokens",
+        f"power    {report.power_w:.2f} W, {report.j_per_token:.4f} J/token ("
+        + ", ".join(f"{k} {v:.3g} J" for k, v in report.energy_breakdown_j.items()) + " per step)",
+        f"weights  {_bytes(report.weight_bytes_total)} ("
+        + ", ".join(f"{k} {_bytes(v)}" for k, v in report.weight_bytes_breakdown.items()) + ")"
+        + (", lm_head read from the tied embedding" if report.lm_head_shares_embedding else ""),
+        "engines  " + ", ".join(f"{e.label} x{e.lanes} lanes" for e in report.engines),
+        "",
+    ]
+    shown = report.layers if all_layers else [row for row in report.layers if row.block in (None, 0)]
+    table = [[row.name, row.kernel, _n(row.kept_macs), _n(row.weight_bytes), _n(row.memory_bytes),
+              _n(row.compute_cycles), _n(row.memory_cycles), row.bound,
+              f"{max(row.compute_cycles, row.memory_cycles) / report.clock_mhz:.2f}"] for row in shown]
+    lines.append(format_table(table, ["layer", "kernel", "kept MACs", "weight B", "off-chip B", "compute cyc",
+                                      "memory cyc", "bound", "us"], right={2, 3, 4, 5, 6, 8}))
+    if not all_layers and len(shown) < len(report.layers):
+        lines.append(f"({len(report.layers) - len(shown)} more rows of blocks 1..{workload.num_layers - 1}; "
+                     "--all-layers shows every row)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_devices(args) -> int:
+    user = load_user_devices(args.devices_file)
+    with user_devices(user):
+        rows = device_rows(user)
+        print(json.dumps(rows, indent=1) if args.json else devices_text(rows))
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from hwcost.model import estimate
+
+    user = load_user_devices(args.devices_file)
+    with user_devices(user):
+        workload = load_workload(args.model_config)
+        accel = build_accelerator(args)
+        if args.plan:
+            for flag, value in (("--sparsity", args.sparsity), ("--group-size", args.group_size),
+                                ("--mixer", args.mixer), ("--keep-lm-head", args.keep_lm_head or None)):
+                if value is not None:
+                    raise HwcostError(f"{flag}: applies to a uniform plan (--weights), not to --plan")
+            plan, flag, source = load_plan(args.plan, workload), "--plan", args.plan
+        else:
+            plan, flag = uniform_plan(workload, args), "--sparsity"
+            source = "uniform " + (f"{args.sparsity} " if args.sparsity and args.sparsity != "dense" else "") \
+                + str(plan.layers[0].fmt if plan.layers else "fp16")
+        check_nm_divides(plan, workload, flag)
+        try:
+            report = estimate(plan, workload, accel)
+        except ValueError as err:
+            raise HwcostError(f"{'--plan' if args.plan else '--weights'}: {err}") from None
+        meta = {"model": args.model_config, "plan": source}
+        if args.json:
+            print(json.dumps(report_json(report, workload, plan, accel, meta), indent=1))
+        else:
+            print(report_text(report, workload, plan, accel, meta, all_layers=args.all_layers))
+    return 0
+
+
+def tests_location() -> tuple[Path, list[Path]]:
+    """The repository root of the installed package and its cost-model test files."""
+    root = Path(__file__).resolve().parent.parent
+    tests = root / "tests"
+    files = sorted({p for pattern in TEST_GLOBS for p in tests.glob(pattern)}) if tests.is_dir() else []
+    return root, files
+
+
+def cmd_test(args) -> int:
+    root, files = tests_location()
+    if not files:
+        raise HwcostError(f"test: no cost-model tests at {root / 'tests'} (they ship with the source repository, "
+                          "not with an installed package)")
+    # the summary only (one line per failure); `dse hwcost test -- --tb=short` for the tracebacks
+    command = [sys.executable, "-m", "pytest", "-q", "--tb=no", *map(str, files), *args.pytest_args]
+    env = dict(os.environ, **{SUITE_ENV: "1"})
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 and "No module named pytest" in proc.stderr:
+        raise HwcostError(f"test: pytest is not installed for {sys.executable} (pip install pytest)")
+    print(proc.stdout, end="")
+    if proc.stderr.strip():
+        print(proc.stderr, end="", file=sys.stderr)
+    if proc.returncode not in (0, 5) and "--tb" not in " ".join(args.pytest_args):
+        print("tracebacks: dse hwcost test -- --tb=short", file=sys.stderr)
+    return proc.returncode
+
+
+# ---------------------------------------------------------------------------- standalone
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hwcost.cli ...`` (the same commands as ``dse hwcost ...``)."""
+    parser = _OneLineParser(prog="hwcost", description="The analytical FPGA cost model (dse hwcost).")
+    add_subcommands(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HwcostError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
