@@ -63,9 +63,21 @@ def prepare(spec: StudySpec) -> Setup:
     except ValueError as err:
         message = str(err).splitlines()[0]
         raise SpecError("" if message.startswith("tasks") else "tasks", message) from None
-    layer_names = [layer.name for layer in workload.linear_layers()]
-    units = build_units(spec.space, layer_names)
+    layers = workload.linear_layers()
+    units = build_units(spec.space, [layer.name for layer in layers])
+    check_nm_widths(spec, {layer.name: layer.in_features for layer in layers}, units)
     return Setup(spec, workload, Accelerator.from_dict(spec.hardware), units)
+
+
+def check_nm_widths(spec: StudySpec, in_features: dict[str, int], units: list[Unit]) -> None:
+    """Every N:M pattern a group allows must have M dividing the input width of each layer it targets."""
+    for unit in units:
+        i = spec.space.groups.index(unit.group)
+        for j, sparsity in enumerate(unit.group.sparsity):
+            for name in unit.layers:
+                if sparsity is not None and in_features[name] % sparsity.m:
+                    raise SpecError(f"space.groups[{i}].sparsity[{j}]",
+                                    f"M={sparsity.m} does not divide in_features {in_features[name]} of {name}")
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:

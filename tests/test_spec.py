@@ -71,6 +71,8 @@ INVALID = [
     ("space.grups", [], "space.grups: unknown field; allowed: groups, tie, mlgru_blocks"),
     ("model", _DELETE, "model: is required"),
     ("tasks.0.name", "hellaswagg", "tasks: unknown lm-eval task name(s) 'hellaswagg'; local tasks: shakespeare_ppl"),
+    ("space.groups.1.sparsity.1", "3:5", "space.groups[1].sparsity[1]: M=5 does not divide in_features 576 of "
+                                         "model.layers.0.mlp.gate_proj"),
     ("space.mlgru_blocks", [3], "space.mlgru_blocks: MLGRU substitution is not available in this version"),
 ]
 
