@@ -71,6 +71,10 @@ INVALID = [
     ("space.grups", [], "space.grups: unknown field; allowed: groups, tie, mlgru_blocks"),
     ("model", _DELETE, "model: is required"),
     ("tasks.0.name", "hellaswagg", "tasks: unknown lm-eval task name(s) 'hellaswagg'; local tasks: shakespeare_ppl"),
+    ("space.groups.0.targets", r"model\.layers\.\d+\.attention\.wq",
+     "space.groups[0].targets: 'model\\.layers\\.\\d+\\.attention\\.wq' matches no linear layer"),
+    ("space.groups.2.targets", r"lm_head|model\.layers\.0\.mlp\.up_proj",
+     "space.groups[2].targets: also matches 'model.layers.0.mlp.up_proj', already chosen by space.groups[1]"),
     ("space.groups.1.sparsity.1", "3:5", "space.groups[1].sparsity[1]: M=5 does not divide in_features 576 of "
                                          "model.layers.0.mlp.gate_proj"),
     ("space.mlgru_blocks", [3], "space.mlgru_blocks: MLGRU substitution is not available in this version"),
@@ -110,28 +114,6 @@ def test_spec_rejections_in_a_real_process(tmp_path):
         assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.db").exists()
-
-
-def test_group_matching_nothing_is_reported_before_storage(tmp_path, capsys):
-    """A regex that matches no layer of the real model's config is a spec error, found before any write."""
-    data = example()
-    data["space"]["groups"][0]["targets"] = r"model\.layers\.\d+\.attention\.wq"
-    data["storage"] = f"sqlite:///{tmp_path / 'x.db'}"
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
-    assert main(["start", str(tmp_path / "s.yaml"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: space.groups[0].targets: 'model\\.layers\\.\\d+\\.attention\\.wq' matches no linear layer")
-    assert not (tmp_path / "x.db").exists()
-
-
-def test_overlapping_groups_are_reported(tmp_path, capsys):
-    data = example()
-    data["space"]["groups"][2]["targets"] = r"lm_head|model\.layers\.0\.mlp\.up_proj"
-    data["storage"] = f"sqlite:///{tmp_path / 'x.db'}"
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
-    assert main(["start", str(tmp_path / "s.yaml"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "space.groups[2].targets: also matches 'model.layers.0.mlp.up_proj', already chosen by space.groups[1]" in err
 
 
 def test_stored_and_printed_storage_url_hides_the_password():
