@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from hwcost.devices import Device, constants, get_device, list_devices
 
 WEIGHT_MODES = ("streamed", "resident")
+ACT_BITS = (8, 16)
 CLOCK_RANGE_MHZ = (1.0, 1000.0)
 
 
@@ -33,6 +34,8 @@ class Accelerator:
     * ``batch``: sequences decoded together (tokens per decode step).
     * ``context_length``: tokens of KV cache read per decode step.
     * ``prompt_length``: tokens of the prompt for the prefill latency.
+    * ``act_bits``: activation width of the INT and ternary kernels, 8 or 16 (W4A16 designs);
+      ``None`` -> ``constants.yaml: activation_bits``. FP16 layers always take FP16 activations.
     """
 
     device: str
@@ -47,6 +50,7 @@ class Accelerator:
     batch: int = 1
     context_length: int = 512
     prompt_length: int = 128
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check(self, "hardware")
@@ -91,8 +95,8 @@ class Accelerator:
         for key in ("clock_mhz", "dsp_share", "lut_share", "bram_share", "uram_share", "mem_efficiency"):
             if values.get(key) is not None:
                 values[key] = _number(values[key], f"{prefix}.{key}")
-        for key in ("batch", "context_length", "prompt_length"):
-            if key in values:
+        for key in ("batch", "context_length", "prompt_length", "act_bits"):
+            if values.get(key) is not None:
                 values[key] = _integer(values[key], f"{prefix}.{key}")
         try:
             return Accelerator(**values)
@@ -139,3 +143,5 @@ def _check(a: Accelerator, prefix: str) -> None:
         value = getattr(a, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{prefix}.{key}: {value!r} is not an integer >= {low}")
+    if a.act_bits is not None and (isinstance(a.act_bits, bool) or a.act_bits not in ACT_BITS):
+        raise ValueError(f"{prefix}.act_bits: {a.act_bits!r} is not one of {', '.join(map(str, ACT_BITS))}")

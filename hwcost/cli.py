@@ -4,7 +4,11 @@
     dse hwcost estimate --model-config PATH|NAME
                         (--plan PLAN.yaml | --weights FMT [--sparsity N:M] [--group-size G] [--mixer M])
                         --device ID [--clock-mhz F] [--accel ACCEL.yaml]
-                        [--batch B] [--context C] [--prompt P] [--devices-file F] [--json] [--all-layers]
+                        [--act-bits 8|16] [--batch B] [--context C] [--prompt P] [--devices-file F]
+                        [--json] [--all-layers]
+    dse hwcost calibrate [--json] [--fit]                       the published designs next to the model's
+                                                                predictions (exit 1 if a toleranced check fails);
+                                                                --fit also refits the fitted constants
     dse hwcost test [-- PYTEST ARGS]                            rerun the cost-model tests
 
 A mistake in the input raises :class:`HwcostError` whose one-line message starts
@@ -38,7 +42,7 @@ SUITE_ENV = "HWCOST_SUITE_RUNNING"
 """Set in the environment of the pytest process ``dse hwcost test`` starts (its own test skips itself)."""
 TEST_GLOBS = ("test_hwcost*.py", "test_workload_families.py")
 FLAG_OF_FIELD = {"device": "--device", "clock_mhz": "--clock-mhz", "batch": "--batch",
-                 "context_length": "--context", "prompt_length": "--prompt"}
+                 "context_length": "--context", "prompt_length": "--prompt", "act_bits": "--act-bits"}
 
 
 class HwcostError(ValueError):
@@ -81,7 +85,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def add_hwcost_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``hwcost`` and its subcommands on ``subparsers`` (``dse``'s); each sets ``func(args) -> int``."""
-    p = subparsers.add_parser("hwcost", help="the FPGA cost model alone: devices, estimate, test",
+    p = subparsers.add_parser("hwcost", help="the FPGA cost model alone: devices, estimate, calibrate, test",
                               description="The analytical FPGA cost model without a study.")
     p.error = _one_line_error  # one line for a missing subcommand too
     add_subcommands(p)
@@ -90,7 +94,7 @@ def add_hwcost_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="hwcost_command", required=True, parser_class=_OneLineParser,
-                                metavar="{devices,estimate,test}")
+                                metavar="{devices,estimate,calibrate,test}")
 
     p = sub.add_parser("devices", help="list the device catalog (and devices from --devices-file)")
     p.add_argument("--devices-file", metavar="FILE.yaml", help="user devices to add to the catalog")
@@ -114,6 +118,8 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--clock-mhz", metavar="F", help="datapath clock, MHz")
     p.add_argument("--accel", metavar="ACCEL.yaml", help="Accelerator fields (the spec's hardware: keys); "
                                                          "flags override them")
+    p.add_argument("--act-bits", metavar="8|16", help="activation width of the INT and ternary kernels "
+                                                      "(default 8; 16 for W4A16-style designs)")
     p.add_argument("--batch", metavar="B", help="sequences decoded together")
     p.add_argument("--context", metavar="C", help="tokens of KV cache per decode step")
     p.add_argument("--prompt", metavar="P", help="prompt tokens for the prefill latency")
@@ -121,6 +127,16 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--all-layers", action="store_true", help="every row of the per-layer table")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("calibrate", help="the published FPGA designs next to the model's predictions",
+                       description="Reproduce the published designs (hwcost/data/published_fpga.yaml, as "
+                                   "hwcost/data/calibration.yaml describes them) and compare the model's "
+                                   "predictions with the reported figures. Exit 0 when every toleranced check "
+                                   "passes, 1 otherwise.")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.add_argument("--fit", action="store_true", help="also refit the fitted constants (constants.yaml) and print "
+                                                      "them next to the stored ones")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("test", help="rerun the cost-model test suite (pytest) and print its summary")
     p.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG", help="extra pytest arguments (after --)")
@@ -138,6 +154,14 @@ def _int_flag(text: str | None, flag: str, low: int) -> int | None:
     if value is None or value < low:
         raise HwcostError(f"{flag}: {text!r} is not an integer >= {low}")
     return value
+
+
+def _act_bits(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if str(text).strip() not in ("8", "16"):
+        raise HwcostError(f"--act-bits: {text!r} is not one of 8, 16")
+    return int(text)
 
 
 def _clock(text: str | None) -> float | None:
@@ -193,7 +217,7 @@ def build_accelerator(args) -> Accelerator:
             raise HwcostError("--accel: expected a mapping of Accelerator fields (the spec's hardware: keys)")
         values.update(data)
     flags = {"device": args.device, "clock_mhz": _clock(args.clock_mhz), "batch": _int_flag(args.batch, "--batch", 1),
-             "context_length": _int_flag(args.context, "--context", 0),
+             "context_length": _int_flag(args.context, "--context", 0), "act_bits": _act_bits(args.act_bits),
              "prompt_length": _int_flag(args.prompt, "--prompt", 1)}
     flags = {k: v for k, v in flags.items() if v is not None}
     devices = list_devices()
@@ -475,6 +499,35 @@ def cmd_estimate(args) -> int:
         else:
             print(report_text(report, workload, plan, accel, meta, all_layers=args.all_layers))
     return 0
+
+
+def cmd_calibrate(args) -> int:
+    from hwcost import calibration
+
+    try:
+        rows = calibration.calibration_rows()
+        fitted = calibration.fit() if args.fit else None
+    except (ValueError, KeyError) as err:
+        raise HwcostError(f"calibrate: {err}") from None
+    stored = calibration.stored_constants()
+    if args.json:
+        if fitted is None:
+            print(json.dumps([row.to_dict() for row in rows], indent=1))
+        else:
+            print(json.dumps({"rows": [row.to_dict() for row in rows],
+                              "fit": {key: {"fitted": value, "fitted_3sig": calibration.round_sig(value, 3),
+                                            "stored": stored[key]} for key, value in fitted.items()}}, indent=1))
+    else:
+        print(format_table(calibration.table_cells(rows), calibration.TABLE_HEADERS, right=calibration.TABLE_RIGHT))
+        print()
+        print(calibration.summary(rows))
+        if fitted is not None:
+            table = [[key, f"{value:.6g}", f"{calibration.round_sig(value, 3):g}", f"{stored[key]:g}",
+                      f"{stored[key] / value - 1:+.2%}"] for key, value in fitted.items()]
+            print()
+            print(format_table(table, ["constant", "fitted", "fitted (3 sig.)", "stored (constants.yaml)",
+                                       "stored/fitted - 1"], right={1, 2, 3, 4}))
+    return 0 if calibration.all_pass(rows) else 1
 
 
 def tests_location() -> tuple[Path, list[Path]]:

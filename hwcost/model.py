@@ -1,16 +1,10 @@
 """The analytical accelerator model: ``estimate(plan, workload, accel) -> HwReport``.
 
-First version. Every figure is a formula below applied to a catalog entry
+Every figure is a formula below applied to a catalog entry
 (``data/devices.yaml``) or a constant (``data/constants.yaml``, written ``C[...]``).
 
-Weight storage of a linear layer (in x out, N:M sparsity, format), bits
-    kept_per_row = in / M * N                         (dense: in; M must divide in, else ValueError)
-    values       = kept_per_row * out * value_bits    (16 fp16, k for INT-k,
-                                                        C[ternary.bits_per_weight] = 2 for ternary)
-    scales       = ceil(kept_per_row / group_size) * out * 16   (INT-k, groups of kept values
-                                                        along the input dim); 16 per tensor (ternary)
-    index        = in / M * out * N * ceil(log2 M)              (N:M index metadata)
-    e.g. 2:4 INT4: per 4 weights 2*4 value + 2*2 index bits = 3 bits/weight.
+Per-format figures (storage bits with N:M index metadata, MAC lanes per DSP, LUT/FF per lane,
+pJ per MAC) are in :mod:`hwcost.kernels`; this module combines them into engines, rows and totals.
 The embedding table stays FP16 off-chip (one row read per decoded token). A tied
 ``lm_head`` the plan leaves FP16 is read from the embedding table (FP16, no extra storage).
 
@@ -36,18 +30,15 @@ INT class with the same DSP packing C[macs_per_dsp] (int6 on the int8 lanes; int
 int4 lanes, narrower weights sign-extended): the lanes are identical hardware, so lowering
 8 -> 6 or 4 -> 3 -> 2 bits leaves the datapath unchanged. Attention's QK^T and AV products run
 on the FP16 dense engine.
-    MAC lanes per DSP      C[macs_per_dsp][dsp_kind][class] (FP16 0.5, INT8/6 2, INT<=4 4)
-    LUT per lane (DSP)     C[lane_lut][dsp_kind][fp16|int]
-    LUT per lane (ternary) A + ceil(log2 fan_in), no DSP (A = C[activation_bits.ternary])
-    N:M extra LUT per lane A * ceil((M-1)/3) (M:1 operand mux, a LUT6 is a 4:1 mux)
-                           + ceil(log2 M)     (index decode)
-    FF per lane            C[ff_per_lut] * LUT per lane + C[lane_ff_extra][class]
+MAC lanes per DSP, LUT and FF per lane of each engine: :mod:`hwcost.kernels` (e.g. DSP48E2 with
+8-bit activations: FP16 0.5, INT8/6 2, INT<=4 4 MACs per DSP; ternary A + ceil(log2 fan_in) LUTs,
+no DSP; N:M adds an M:1 operand mux and the index decode per lane).
 Budgets D, L = share * DSP, LUT after the shell.
 Attention lanes (reserved first, on the FP16 engine): decode attention is a matrix-vector product
 over the KV cache, heads / (kv_heads * C[kv_bytes_per_value]) MACs per cache byte, so it gets the
 lanes that consume the cache at the memory bandwidth,
     att = ceil(bytes_per_cycle * heads / (kv_heads * C[kv_bytes_per_value])),
-capped at ATTENTION_BUDGET_CAP (0.5, assumption) of either budget and at least 1. They do not
+capped at C[attention_budget_cap] (0.5, assumption) of either budget and at least 1. They do not
 depend on the context length, so one accelerator serves every context with the same lanes.
 Linear engines share what is left. The rows of a decode step run one after another, so the
 step's compute is sum_e kept_e / lanes_e; lanes minimise it under sum_e lanes_e * dsp_e <= D and
@@ -55,9 +46,6 @@ sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp_e, 0 for ternary; lut_e = L
     lanes_e = floor(s * sqrt(kept_e / p_e)),  p_e = theta * dsp_e / D + (1 - theta) * lut_e / L
 (Lagrange; theta in [0, 1] by grid + golden-section search, s the largest scale both budgets
 allow; at least 1 lane). One engine alone gets min(D / dsp_e, L / lut_e) lanes.
-(Until this version lanes were split in proportion to kept MACs, lanes_e = kept_e / T, which
-is right for engines running concurrently but not for rows summed in sequence: a plan adding
-one INT3 layer to an FP16 LLaMA-7B gave the INT3 engine 1 lane, 16.7 M cycles for that layer.)
 
 What is monotone in decode latency (tested):
 * lowering a layer's bits within one engine class (8 -> 6, 4 -> 3 -> 2) leaves every row's
@@ -107,6 +95,12 @@ Energy per decode step, J: static_w * step_s
     + on-chip bytes (resident weights, activation buffers) * sram_read32/4 * C[fpga_overhead];
 j_per_token = step energy / B; power_w = step energy / step_s.
 The special-function unit's energy is not modelled in this version.
+
+Batches: :func:`estimate_batch` evaluates P plans of one workload at once. A :class:`PlanBatch`
+holds each plan as arrays over the workload's :class:`Layout` rows (kernel class, N, M, group
+size) and blocks (MLGRU or attention); every formula above runs on [P, rows] and [P, engines]
+arrays, lane sizing included. :func:`estimate` is the same core on a batch of one, plus the
+per-row and per-engine tables of :class:`HwReport`.
 """
 
 from __future__ import annotations
@@ -115,16 +109,19 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+import numpy as np
+
 from dse.plan import FP16, LayerPlan, ModelPlan, Sparsity, WeightFormat
+from hwcost import kernels
 from hwcost.accelerator import Accelerator
 from hwcost.devices import BRAM36_BITS, URAM_BITS, constants
-from hwcost.workload import Workload
+from hwcost.kernels import KERNELS
+from hwcost.workload import LinearLayer, Workload
 
 RESOURCES = ("lut", "ff", "dsp", "bram36", "uram")
-_DENSE_FP16 = LayerPlan("", None, FP16)  # what an unnamed layer gets
-ATTENTION_BUDGET_CAP = 0.5
-"""Assumption: attention's bandwidth-matched lanes take at most this share of the DSP and LUT budgets."""
 _CAP_KEY = {"lut": "lut", "ff": "ff", "dsp": "dsp", "bram36": "bram", "uram": "uram"}
+_FP16 = KERNELS.index("fp16")
+_TERNARY = KERNELS.index("ternary")
 
 METRICS: dict[str, dict[str, str]] = {
     "decode_tokens_per_s": {"unit": "tokens/s", "direction": "maximize"},
@@ -142,106 +139,146 @@ METRICS: dict[str, dict[str, str]] = {
 METRIC_NAMES = tuple(METRICS)
 
 
-# ---------------------------------------------------------------------------- storage
-def index_bits_per_group(sparsity: Sparsity | None) -> int:
-    """N:M index metadata bits per group of M weights: N * ceil(log2 M) (0 when dense)."""
-    return 0 if sparsity is None else sparsity.n * math.ceil(math.log2(sparsity.m))
+# ---------------------------------------------------------------------------- layout and plan arrays
+@dataclass(frozen=True)
+class Layout:
+    """Every linear layer a plan of ``workload`` can activate, in model order, as arrays (one per workload).
 
-
-def value_bits(fmt: WeightFormat) -> float:
-    """Bits of one stored kept weight: 16 (fp16), k (INT-k), C[ternary.bits_per_weight] (ternary)."""
-    if fmt.is_ternary:
-        return float(constants()["ternary"]["bits_per_weight"])
-    return float(fmt.bits)
-
-
-def kept_per_row(in_features: int, sparsity: Sparsity | None) -> int:
-    """Kept weights per output row: ceil(in / M) * N, capped at in (dense: in)."""
-    if sparsity is None:
-        return in_features
-    return min(in_features, math.ceil(in_features / sparsity.m) * sparsity.n)
-
-
-def storage_bits(in_features: int, out_features: int, sparsity: Sparsity | None,
-                 fmt: WeightFormat) -> dict[str, float]:
-    """Bits of one linear layer's stored weights: ``values``, ``scales``, ``index`` and ``total``."""
-    kept = kept_per_row(in_features, sparsity)
-    values = kept * out_features * value_bits(fmt)
-    scale_bits = constants()["scale_bits"]
-    if fmt.is_float:
-        scales = 0
-    elif fmt.is_ternary:
-        scales = scale_bits
-    else:
-        scales = math.ceil(kept / fmt.group_size) * out_features * scale_bits
-    index = 0
-    if sparsity is not None:
-        index = math.ceil(in_features / sparsity.m) * out_features * index_bits_per_group(sparsity)
-    return {"values": values, "scales": scales, "index": index, "total": values + scales + index}
-
-
-@lru_cache(maxsize=4096)
-def storage_bytes(in_features: int, out_features: int, sparsity: Sparsity | None, fmt: WeightFormat) -> int:
-    """Bytes of one linear layer's stored weights: ceil(total bits / 8)."""
-    return math.ceil(storage_bits(in_features, out_features, sparsity, fmt)["total"] / 8)
-
-
-# ---------------------------------------------------------------------------- kernels
-@lru_cache(maxsize=None)
-def kernel_class(fmt: WeightFormat) -> str:
-    """``fp16``, ``int8`` .. ``int2`` or ``ternary``."""
-    return "fp16" if fmt.is_float else ("ternary" if fmt.is_ternary else f"int{fmt.bits}")
-
-
-@lru_cache(maxsize=None)
-def engine_class(cls: str, dsp_kind: str) -> str:
-    """The kernel class whose engine runs layers of class ``cls``: the widest INT class with the same
-    DSP packing (C[macs_per_dsp][dsp_kind]) for INT-k, e.g. int6 -> int8, int3 and int2 -> int4 on
-    DSP48E2 (narrower weights sign-extended into the same lanes); fp16 and ternary run on their own."""
-    if cls in ("fp16", "ternary"):
-        return cls
-    packing = constants()["macs_per_dsp"][dsp_kind]
-    same = [k for k in packing if k.startswith("int") and packing[k] == packing[cls]]
-    return max(same, key=lambda k: int(k[3:]))
-
-
-def activation_bits(cls: str) -> int:
-    """Bits of the activation operand of a kernel class (C[activation_bits])."""
-    key = cls if cls in ("fp16", "ternary") else "int"
-    return int(constants()["activation_bits"][key])
-
-
-def pj_per_mac(cls: str) -> float:
-    """Energy of one MAC at 45 nm (Horowitz ISSCC 2014), pJ, before C[fpga_overhead].
-
-    fp16: fmul16 + fadd16; INT-k: mul8 * (k * A) / 64 + add32 (array multiplier energy
-    ~ product of operand widths, A = activation bits); ternary: add8 (no multiply).
+    ``kind``: 0 always present (MLP, lm_head, OPT project_in/out), 1 an attention projection of
+    ``block``, 2 an MLGRU projection of ``block`` (present when that block's mixer is an MLGRU).
+    ``inherit``: for a substituted MLGRU projection, the row of the attention layer whose plan it
+    takes when the plan does not name it; -1 otherwise.
     """
-    e = constants()["energy_pj_45nm"]
-    if cls == "fp16":
-        return e["fmul16"] + e["fadd16"]
-    if cls == "ternary":
-        return e["add8"]
-    bits = int(cls[3:])
-    return e["mul8"] * bits * activation_bits(cls) / 64.0 + e["add32"]
+
+    layers: tuple[LinearLayer, ...]
+    in_f: np.ndarray
+    out_f: np.ndarray
+    block: np.ndarray
+    kind: np.ndarray
+    inherit: np.ndarray
+    row: dict[str, int]
+    lm_head: int
+    has_attention: bool
 
 
-def nm_lut_per_lane(cls: str, sparsity: Sparsity | None) -> float:
-    """Extra LUTs per lane for N:M: A * ceil((M-1)/3) operand-mux LUT6 + ceil(log2 M) index decode."""
-    if sparsity is None:
-        return 0.0
-    c = constants()
-    per_lut = int(c["nm_mux_inputs_per_lut6"]) - 1
-    select_bits = math.ceil(math.log2(sparsity.m))
-    return (activation_bits(cls) * math.ceil((sparsity.m - 1) / per_lut)
-            + select_bits * c["nm_index_decode_lut_per_index_bit"])
+@lru_cache(maxsize=64)
+def layout(workload: Workload) -> Layout:
+    """The :class:`Layout` of ``workload`` (cached)."""
+    layers: list[LinearLayer] = []
+    kind: list[int] = []
+    has_attention = workload.token_mixer == "attention"
+
+    def extend(items: list[LinearLayer], k: int) -> None:
+        layers.extend(items)
+        kind.extend([k] * len(items))
+
+    extend(workload.pre_block_layers(), 0)
+    for i in range(workload.num_layers):
+        if has_attention:
+            extend(workload.attention_layers(i), 1)
+        extend(workload.mlgru_layers(i), 2)
+        extend(workload.mlp_layers(i), 0)
+    extend(workload.post_block_layers(), 0)
+    extend([workload.lm_head()], 0)
+    row = {layer.name: r for r, layer in enumerate(layers)}
+    inherit = [row[workload.mlgru_counterpart(layer.name)] if k == 2 and has_attention else -1
+               for layer, k in zip(layers, kind)]
+    return Layout(layers=tuple(layers), in_f=np.array([x.in_features for x in layers], dtype=float),
+                  out_f=np.array([x.out_features for x in layers], dtype=float),
+                  block=np.array([-1 if x.block is None else x.block for x in layers]),
+                  kind=np.array(kind), inherit=np.array(inherit), row=row, lm_head=row["lm_head"],
+                  has_attention=has_attention)
+
+
+@dataclass
+class PlanBatch:
+    """``P`` plans of one workload as arrays over the :class:`Layout` rows ``R`` and blocks.
+
+    ``kernel`` [P, R]: index into :data:`hwcost.kernels.KERNELS`; ``n``, ``m`` [P, R]: N:M
+    (dense 1, 1); ``group`` [P, R]: INT group size; ``mlgru`` [P, blocks]: the block's mixer is an
+    MLGRU. An MLGRU projection's entries are used only when its block is an MLGRU, an attention
+    projection's only when it is not. Build one with :meth:`from_plans`, or fill the arrays directly
+    (a search can map its choices to them without building :class:`ModelPlan` objects).
+    """
+
+    workload: Workload
+    kernel: np.ndarray
+    n: np.ndarray
+    m: np.ndarray
+    group: np.ndarray
+    mlgru: np.ndarray
+
+    def __len__(self) -> int:
+        return self.kernel.shape[0]
+
+    @staticmethod
+    def empty(workload: Workload, size: int) -> "PlanBatch":
+        """``size`` plans with every layer FP16 dense and the model's own mixer in every block."""
+        lay = layout(workload)
+        shape = (size, len(lay.layers))
+        return PlanBatch(workload, np.full(shape, _FP16), np.ones(shape, dtype=int), np.ones(shape, dtype=int),
+                         np.full(shape, FP16.group_size),
+                         np.full((size, workload.num_layers), not lay.has_attention))
+
+    @staticmethod
+    def from_plans(plans: list[ModelPlan], workload: Workload) -> "PlanBatch":
+        """Arrays of ``plans``; ValueError naming the layer or block a plan gets wrong."""
+        batch = PlanBatch.empty(workload, len(plans))
+        lay = layout(workload)
+        for p, plan in enumerate(plans):
+            _check_plan(plan, workload)
+            if plan.layers:
+                rows = [lay.row[lp.name] for lp in plan.layers]
+                codes = np.array([_layer_codes(lp.sparsity, lp.fmt) for lp in plan.layers]).T
+                batch.kernel[p, rows], batch.n[p, rows], batch.m[p, rows], batch.group[p, rows] = codes
+            for bp in plan.blocks:
+                batch.mlgru[p, bp.index] = bp.mixer == "mlgru"
+            if lay.has_attention:  # substituted MLGRU projections the plan does not name inherit
+                named = {lay.row[lp.name] for lp in plan.layers}
+                for r in np.flatnonzero((lay.kind == 2) & batch.mlgru[p][lay.block]):
+                    if r not in named:
+                        src = lay.inherit[r]
+                        for arr in (batch.kernel, batch.n, batch.m, batch.group):
+                            arr[p, r] = arr[p, src]
+                        if batch.m[p, r] > 1 and lay.in_f[r] % batch.m[p, r]:
+                            raise ValueError(f"layer {lay.layers[r].name}: M={batch.m[p, r]} does not divide "
+                                             f"in_features {int(lay.in_f[r])} (plan inherited from "
+                                             f"'{lay.layers[src].name}')")
+            elif not batch.mlgru[p].all():
+                workload.attention_layers(int(np.argmin(batch.mlgru[p])))  # raises: no attention to use
+        return batch
+
 
 
 @lru_cache(maxsize=None)
-def _label(sparsity: Sparsity | None, fmt: WeightFormat) -> str:
-    return LayerPlan("x", sparsity, fmt).label
+def _layer_codes(sparsity: Sparsity | None, fmt: WeightFormat) -> tuple[int, int, int, int]:
+    """(kernel index, N, M, group size) of a layer plan; dense is N = M = 1."""
+    n, m = (1, 1) if sparsity is None else (sparsity.n, sparsity.m)
+    return KERNELS.index(kernels.kernel_class(fmt)), n, m, fmt.group_size
 
 
+@lru_cache(maxsize=64)
+def _layer_names(workload: Workload) -> frozenset[str]:
+    return frozenset(workload.layer_names())
+
+
+def _check_plan(plan: ModelPlan, workload: Workload) -> None:
+    names = _layer_names(workload)
+    lay = layout(workload)
+    for lp in plan.layers:
+        if lp.name not in names:
+            example = workload.linear_layers()[0].name
+            raise ValueError(f"plan layer '{lp.name}' is not a linear layer of the workload "
+                             f"(e.g. '{example}', 'lm_head')")
+        in_f = lay.layers[lay.row[lp.name]].in_features
+        if lp.sparsity is not None and in_f % lp.sparsity.m:
+            raise ValueError(f"layer {lp.name}: M={lp.sparsity.m} does not divide in_features {in_f}")
+    for bp in plan.blocks:
+        if not 0 <= bp.index < workload.num_layers:
+            raise ValueError(f"plan block {bp.index} is not in 0..{workload.num_layers - 1}")
+
+
+# ---------------------------------------------------------------------------- report types
 @dataclass
 class EngineCost:
     """One matrix-vector engine: ``lanes`` MACs/cycle and the resources they take.
@@ -271,99 +308,6 @@ class EngineCost:
         return self.macs_per_dsp > 0
 
 
-def _engine(cls: str, sparsity: Sparsity | None, fan_in: int, dsp_kind: str) -> EngineCost:
-    c = constants()
-    sp = "dense" if sparsity is None else str(sparsity)
-    label = cls if sparsity is None else f"{sparsity} {cls}"
-    if cls == "ternary":
-        mpd = 0.0
-        base = activation_bits(cls) + math.ceil(math.log2(max(fan_in, 2)))
-    else:
-        mpd = float(c["macs_per_dsp"][dsp_kind][cls])
-        base = float(c["lane_lut"][dsp_kind]["fp16" if cls == "fp16" else "int"])
-    lut = base + nm_lut_per_lane(cls, sparsity)
-    extra = c["lane_ff_extra"]["fp16" if cls == "fp16" else ("ternary" if cls == "ternary" else "int")]
-    return EngineCost(label=label, kernel=cls, sparsity=sp, macs_per_dsp=mpd, lut_per_lane=lut,
-                      ff_per_lane=c["ff_per_lut"] * lut + extra, pj_per_mac=pj_per_mac(cls), fan_in=fan_in)
-
-
-_LANE_GUARD = 1e-9  # relative: a lane count a budget affords exactly is not lost to float rounding
-
-
-def _sqrt_lanes(kept: list[float], dsp_cost: list[float], lut_cost: list[float],
-                dsp_budget: float, lut_budget: float, theta: float) -> tuple[list[float], float]:
-    """Continuous lanes x_e = s * sqrt(kept_e / p_e) for the price p_e = theta*dsp_e/D + (1-theta)*lut_e/L,
-    scaled by s so that both budgets hold; returns (lanes, sum_e kept_e / x_e)."""
-    raw = [math.sqrt(k / max(theta * d / dsp_budget + (1.0 - theta) * lu / lut_budget, 1e-300))
-           for k, d, lu in zip(kept, dsp_cost, lut_cost)]
-    use = max(sum(d * r for d, r in zip(dsp_cost, raw)) / dsp_budget,
-              sum(lu * r for lu, r in zip(lut_cost, raw)) / lut_budget)
-    lanes = [r / use for r in raw]
-    return lanes, sum(k / x for k, x in zip(kept, lanes))
-
-
-def size_engines(engines: list[EngineCost], dsp_budget: float, lut_budget: float) -> float:
-    """Lanes minimising the compute cycles of one decode step, sum_e kept_e / lanes_e; returns that sum.
-
-    The rows of a decode step run one after another, each on its engine, so the engines are
-    time-multiplexed in sequence and the step's compute is sum_e kept_e / lanes_e. Minimising it
-    under sum_e lanes_e * dsp_e <= D and sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp,
-    0 for ternary; lut_e = lut_per_lane) gives lanes_e = s * sqrt(kept_e / p_e) with the price
-    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by a grid and
-    golden-section search, s the largest scale both budgets allow. One engine gets
-    min(D / dsp_e, L / lut_e) lanes. lanes_e = max(1, floor(x_e)); fills ``lanes``,
-    ``dsp`` = ceil(lanes / macs_per_dsp), ``lut``, ``ff`` in place.
-    """
-    active = [e for e in engines if e.kept_macs > 0]
-    if active:
-        kept = [e.kept_macs for e in active]
-        dsp_cost = [1.0 / e.macs_per_dsp if e.uses_dsp else 0.0 for e in active]
-        lut_cost = [e.lut_per_lane for e in active]
-        dsp_budget, lut_budget = max(dsp_budget, 1e-9), max(lut_budget, 1e-9)
-
-        def cost(theta: float) -> float:
-            return _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta)[1]
-
-        if any(dsp_cost):
-            grid = [i / 16 for i in range(17)]
-            values = [cost(t) for t in grid]
-            best = min(range(len(grid)), key=values.__getitem__)
-            lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-            ratio = (math.sqrt(5) - 1) / 2
-            for _ in range(30):
-                a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-                if cost(a) <= cost(b):
-                    hi = b
-                else:
-                    lo = a
-            theta = min((lo, hi, grid[best]), key=cost)
-        else:
-            theta = 0.0  # no DSP engine: the LUT budget alone
-        lanes, _ = _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta)
-        for e, x in zip(active, lanes):
-            e.lanes = max(1, int(x * (1 + _LANE_GUARD)))
-    for e in engines:
-        _fill_resources(e)
-    return sum(e.kept_macs / e.lanes for e in active)
-
-
-def _fill_resources(e: EngineCost) -> None:
-    e.dsp = math.ceil(e.lanes / e.macs_per_dsp) if e.uses_dsp else 0
-    e.lut = math.ceil(e.lanes * e.lut_per_lane)
-    e.ff = math.ceil(e.lanes * e.ff_per_lane)
-
-
-def attention_lanes(workload: Workload, bytes_per_cycle: float, kv_bytes_per_value: int) -> float:
-    """FP16 lanes that read the KV cache at the memory bandwidth: bytes/cycle * heads / (kv_heads * bytes/value).
-
-    Decode attention (QK^T and AV) is a matrix-vector product over the cache: per cached token and
-    sequence 2*heads*head_dim MACs on 2*kv_heads*head_dim cached values, so more lanes than this
-    cannot make it faster, whatever the context length.
-    """
-    return bytes_per_cycle * workload.heads / (workload.kv_heads * kv_bytes_per_value)
-
-
-# ---------------------------------------------------------------------------- report
 @dataclass
 class LayerCost:
     """One row of the per-layer breakdown, per decode step (batch B).
@@ -461,58 +405,221 @@ class HwReport:
         ])
 
 
-# ---------------------------------------------------------------------------- estimate
-@lru_cache(maxsize=64)
-def _layer_names(workload: Workload) -> frozenset[str]:
-    return frozenset(workload.layer_names())
+@dataclass
+class BatchReport:
+    """The scalar figures of :class:`HwReport` for ``P`` plans, as arrays of length P (same units)."""
+
+    decode_ms_per_token: np.ndarray
+    decode_tokens_per_s: np.ndarray
+    prefill_ms: np.ndarray
+    power_w: np.ndarray
+    j_per_token: np.ndarray
+    weight_bytes_total: np.ndarray
+    fits: np.ndarray
+    constraint_violation: np.ndarray
+    resources: dict[str, np.ndarray]
+    utilisation: dict[str, np.ndarray]
+
+    def metric(self, name: str) -> np.ndarray:
+        """The array of a :data:`METRICS` name; ValueError listing them otherwise."""
+        if name == "weight_bytes":
+            return self.weight_bytes_total
+        if name.endswith("_util") and name in METRICS:
+            return self.utilisation["bram36" if name == "bram_util" else name[:-5]]
+        if name in METRICS:
+            return getattr(self, name)
+        raise ValueError(f"'{name}' is not a hardware metric; allowed: {', '.join(METRIC_NAMES)}")
 
 
-@lru_cache(maxsize=64)
-def _in_features(workload: Workload) -> dict[str, int]:
-    """in_features of every layer a plan may name (attention, MLGRU and MLP projections, lm_head)."""
-    layers = workload.linear_layers() + workload.linear_layers(range(workload.num_layers))
-    return {layer.name: layer.in_features for layer in layers}
+# ---------------------------------------------------------------------------- lane sizing
+_LANE_GUARD = 1e-9  # relative: a lane count a budget affords exactly is not lost to float rounding
+_GOLDEN_STEPS = 30
 
 
-def _check_m_divides(name: str, sparsity: Sparsity | None, in_features: int, inherited: str = "") -> None:
-    if sparsity is not None and in_features % sparsity.m:
-        suffix = f" (plan inherited from '{inherited}')" if inherited else ""
-        raise ValueError(f"layer {name}: M={sparsity.m} does not divide in_features {in_features}{suffix}")
+def _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta):
+    """Continuous lanes x = s * sqrt(kept / p) for the price p = theta*dsp/D + (1-theta)*lut/L, scaled by s
+    so that both budgets hold, and the compute sum_e kept_e / x_e, for K values of theta per plan.
 
-
-@lru_cache(maxsize=256)
-def _structure(workload: Workload, mlgru: frozenset[int]) -> tuple:
-    """(all linear layers, per-block (mixer layers, mlp layers)) for a set of MLGRU blocks (cached)."""
-    blocks = tuple((workload.mlgru_layers(i) if i in mlgru else workload.attention_layers(i), workload.mlp_layers(i))
-                   for i in range(workload.num_layers))
-    return tuple(workload.linear_layers(mlgru)), blocks
-
-
-def _check_plan(plan: ModelPlan, workload: Workload) -> None:
-    names = _layer_names(workload)
-    for lp in plan.layers:
-        if lp.name not in names:
-            example = workload.linear_layers()[0].name
-            raise ValueError(f"plan layer '{lp.name}' is not a linear layer of the workload "
-                             f"(e.g. '{example}', 'lm_head')")
-        _check_m_divides(lp.name, lp.sparsity, _in_features(workload)[lp.name])
-    for bp in plan.blocks:
-        if not 0 <= bp.index < workload.num_layers:
-            raise ValueError(f"plan block {bp.index} is not in 0..{workload.num_layers - 1}")
-
-
-def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwReport:
-    """Cost of ``plan`` for ``workload`` on ``accel`` (formulas in the module docstring).
-
-    Raises ValueError (one line naming the field) when the plan names a layer or block the workload
-    does not have, when an N:M pattern's M does not divide a layer's in_features, or when the
-    accelerator's clock is not a positive number of MHz.
+    ``kept``, ``lut_cost`` [P, E]; ``dsp_cost`` [1, E]; budgets [P]; ``theta`` [P, K].
+    Returns lanes [P, K, E] and compute [P, K].
     """
-    _check_plan(plan, workload)
+    kept, dsp_cost, lut_cost = kept[:, None, :], dsp_cost[:, None, :], lut_cost[:, None, :]
+    theta, dsp_budget, lut_budget = theta[:, :, None], dsp_budget[:, None, None], lut_budget[:, None, None]
+    price = np.maximum(theta * dsp_cost / dsp_budget + (1.0 - theta) * lut_cost / lut_budget, 1e-300)
+    raw = np.sqrt(kept) / np.sqrt(price)  # not sqrt(kept / price): that overflows when the price is ~0
+    use = np.maximum((dsp_cost * raw).sum(-1, keepdims=True) / dsp_budget,
+                     (lut_cost * raw).sum(-1, keepdims=True) / lut_budget)
+    lanes = raw / use
+    active = kept > 0
+    cost = np.where(active, kept / np.where(active, lanes, 1.0), 0.0).sum(-1)
+    return lanes, cost
+
+
+def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
+               dsp_budget: np.ndarray, lut_budget: np.ndarray) -> np.ndarray:
+    """Integer lanes [P, E] minimising the compute cycles of one decode step, sum_e kept_e / lanes_e.
+
+    The rows of a decode step run one after another, each on its engine, so the engines are
+    time-multiplexed in sequence and the step's compute is sum_e kept_e / lanes_e. Minimising it
+    under sum_e lanes_e * dsp_e <= D and sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp,
+    0 for ternary; lut_e = lut_per_lane) gives lanes_e = s * sqrt(kept_e / p_e) with the price
+    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by a 17-point
+    grid and golden-section search (theta = 0 when no DSP engine is used), s the largest scale
+    both budgets allow. One engine gets min(D / dsp_e, L / lut_e). lanes_e = max(1, floor(x_e))
+    for engines with kept MACs, 0 for the others. Every plan (row) is sized independently.
+    """
+    dsp_budget = np.maximum(dsp_budget, 1e-9)
+    lut_budget = np.maximum(lut_budget, 1e-9)
+    active = kept > 0
+    uses_dsp = (active & (dsp_cost > 0)).any(-1)
+    rows = np.arange(len(kept))
+
+    def cost(theta: np.ndarray) -> np.ndarray:
+        return _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta)[1]
+
+    grid = np.linspace(0.0, 1.0, 17)
+    best = cost(np.broadcast_to(grid, (len(kept), len(grid)))).argmin(1)
+    lo, hi = grid[np.maximum(best - 1, 0)], grid[np.minimum(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(_GOLDEN_STEPS):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        ab = cost(np.stack([a, b], axis=1))
+        left = ab[:, 0] <= ab[:, 1]
+        hi, lo = np.where(left, b, hi), np.where(left, lo, a)
+    candidates = np.stack([lo, hi, grid[best]], axis=1)
+    theta = np.where(uses_dsp, candidates[rows, cost(candidates).argmin(1)], 0.0)
+    lanes = _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta[:, None])[0][:, 0, :]
+    return np.where(active, np.maximum(1, np.floor(np.where(active, lanes, 0.0) * (1 + _LANE_GUARD))), 0).astype(int)
+
+
+def attention_lanes(workload: Workload, bytes_per_cycle: float, kv_bytes_per_value: int) -> float:
+    """FP16 lanes that read the KV cache at the memory bandwidth: bytes/cycle * heads / (kv_heads * bytes/value).
+
+    Decode attention (QK^T and AV) is a matrix-vector product over the cache: per cached token and
+    sequence 2*heads*head_dim MACs on 2*kv_heads*head_dim cached values, so more lanes than this
+    cannot make it faster, whatever the context length.
+    """
+    return bytes_per_cycle * workload.heads / (workload.kv_heads * kv_bytes_per_value)
+
+
+# ---------------------------------------------------------------------------- the vectorised core
+@dataclass
+class _Engines:
+    """The distinct engines of a batch: per engine e its (class, n, m) and per plan its lanes and costs."""
+
+    cls: list[str]
+    n: np.ndarray
+    m: np.ndarray
+    of_row: np.ndarray          # [P, R] engine of each row (-1: row not present)
+    kept: np.ndarray            # [P, E] MACs per decode step (attention included after sizing)
+    fan_in: np.ndarray          # [P, E] widest kept row
+    macs_per_dsp: np.ndarray    # [E]
+    lut_per_lane: np.ndarray    # [P, E]
+    ff_per_lane: np.ndarray     # [P, E]
+    lanes: np.ndarray           # [P, E]
+    attention: np.ndarray       # [P] FP16 lanes reserved for attention
+    fp16: int                   # the dense FP16 engine (attention) or -1
+    dsp: np.ndarray = None      # [P, E]
+    lut: np.ndarray = None
+    ff: np.ndarray = None
+
+
+@dataclass
+class _Core:
+    """Everything :func:`estimate` and :func:`estimate_batch` report, as arrays over the batch."""
+
+    present: np.ndarray         # [P, R] row present (its block's mixer uses it)
+    kept: np.ndarray            # [P, R] kept MACs per decode step (batch B)
+    nbytes: np.ndarray          # [P, R] stored bytes
+    compute: np.ndarray         # [P, R] cycles
+    memory_bytes: np.ndarray    # [P, R]
+    engines: _Engines
+    attention_row: tuple        # (macs, kv_bytes, compute cycles) of one attention block, per plan [P]
+    mlgru_cycles: float         # one MLGRU recurrence row
+    embedding_bytes: float      # off-chip bytes of the embedding row
+    n_attention: np.ndarray     # [P]
+    n_mlgru: np.ndarray         # [P]
+    step_cycles: np.ndarray
+    prefill_cycles: np.ndarray
+    bytes_per_cycle: float
+    used: dict[str, np.ndarray]
+    available: dict[str, float]
+    caps: dict[str, float]
+    util: dict[str, np.ndarray]
+    violation: np.ndarray
+    offchip: np.ndarray
+    capacity: int
+    over_capacity: np.ndarray
+    breakdown: dict[str, np.ndarray]
+    lm_shares: np.ndarray
+    energy: dict[str, np.ndarray]
+    step_s: np.ndarray
+
+
+def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, accel: Accelerator,
+             has_attn: np.ndarray) -> _Engines:
+    """Group rows into engines (engine class, N:M) and size their lanes from the device budgets."""
+    c = constants()
+    dev = accel.dev
+    A = accel.act_bits
+    lay = layout(batch.workload)
+    eng_of_kernel = np.array([KERNELS.index(kernels.engine_class(k, dev.dsp_kind, A)) for k in KERNELS])
+    ecls = eng_of_kernel[batch.kernel]
+    big = int(max(batch.m.max(), 1)) + 1
+    code = (ecls * big + batch.n) * big + batch.m
+    codes = np.unique(code[present])
+    fp16_code = (_FP16 * big + 1) * big + 1
+    if has_attn.any() and fp16_code not in codes:
+        codes = np.sort(np.append(codes, fp16_code))
+    E = len(codes)
+    of_row = np.where(present, np.searchsorted(codes, code), -1)
+    P = len(batch)
+    flat = (np.arange(P)[:, None] * E + of_row)[present]
+    kept = np.bincount(flat, weights=kept[present], minlength=P * E).reshape(P, E)
+    fan_in = np.zeros(P * E)
+    np.maximum.at(fan_in, flat, kernels.kept_per_row(lay.in_f, batch.n, batch.m)[present])
+    fan_in = fan_in.reshape(P, E)
+    cls = [KERNELS[int(x) // (big * big)] for x in codes]
+    n, m = codes // big % big, codes % big
+    mpd = np.array([kernels.macs_per_dsp(k, dev.dsp_kind, A) for k in cls])
+    lut = np.stack([kernels.lane_lut(k, m[e], fan_in[:, e], dev.dsp_kind, A) * np.ones(P)
+                    for e, k in enumerate(cls)], axis=1)
+    ff = np.stack([kernels.lane_ff(k, lut[:, e]) for e, k in enumerate(cls)], axis=1)
+    fp16 = int(np.searchsorted(codes, fp16_code)) if fp16_code in codes else -1
+    if fp16 >= 0:
+        fan_in[:, fp16] = np.maximum(fan_in[:, fp16], np.where(kept[:, fp16] > 0, 0, batch.workload.head_dim))
+
+    avail = dev.available()
+    dsp_budget = np.full(P, accel.dsp_share * avail["dsp"])
+    lut_budget = np.full(P, accel.lut_share * avail["lut"])
+    att = np.zeros(P, dtype=int)
+    if fp16 >= 0:  # bandwidth-matched attention lanes, reserved first: the same for every context length
+        mpd16, lut16 = mpd[fp16], lut[:, fp16]
+        cap = float(c["attention_budget_cap"]) * np.minimum(dsp_budget * mpd16, lut_budget / lut16)
+        want = math.ceil(attention_lanes(batch.workload, accel.bytes_per_cycle, int(c["kv_bytes_per_value"])))
+        att = np.where(has_attn, np.maximum(1, np.minimum(want, np.floor(cap))), 0).astype(int)
+        dsp_budget = dsp_budget - att / mpd16
+        lut_budget = lut_budget - att * lut16
+    dsp_cost = np.where(mpd > 0, 1.0 / np.where(mpd > 0, mpd, 1.0), 0.0)
+    lanes = size_lanes(kept, dsp_cost[None, :], lut, dsp_budget, lut_budget)
+    if fp16 >= 0:
+        lanes[:, fp16] += att
+    e = _Engines(cls=cls, n=n, m=m, of_row=of_row, kept=kept, fan_in=fan_in, macs_per_dsp=mpd,
+                 lut_per_lane=lut, ff_per_lane=ff, lanes=lanes, attention=att, fp16=fp16)
+    e.dsp = np.where(mpd > 0, np.ceil(lanes / np.where(mpd > 0, mpd, 1.0)), 0).astype(int)
+    e.lut = np.ceil(lanes * lut).astype(int)
+    e.ff = np.ceil(lanes * ff).astype(int)
+    return e
+
+
+def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
+    """The cost model on a batch of plans (formulas in the module docstring)."""
     clock = accel.clock_mhz
     if isinstance(clock, bool) or not isinstance(clock, (int, float)) or not 0 < clock < math.inf:
         raise ValueError(f"hardware.clock_mhz: {clock!r} is not a positive number of MHz")
     c = constants()
+    w = batch.workload
+    lay = layout(w)
     dev = accel.dev
     mem = dev.memory(accel.memory_kind)
     clock_hz = accel.clock_mhz * 1e6
@@ -523,162 +630,218 @@ def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwRepor
     act_bytes = int(c["activation_bytes"])
     sfu = c["special_function_unit"]
     sfu_lanes = float(sfu["lanes"])
+    nP = len(batch)
 
-    named = {lp.name: lp for lp in plan.layers}
-    mlgru = {bp.index for bp in plan.blocks if bp.mixer == "mlgru"}
+    # -- rows present, kept MACs, storage
+    block_mlgru = batch.mlgru[:, np.maximum(lay.block, 0)]
+    present = np.where(lay.kind == 0, True, np.where(lay.kind == 2, block_mlgru, ~block_mlgru))
+    kept_row = kernels.kept_per_row(lay.in_f, batch.n, batch.m)
+    kept = np.where(present, B * kept_row * lay.out_f, 0.0)
+    bits = np.array([16.0, 8, 6, 4, 3, 2, float(c["ternary"]["bits_per_weight"])])[batch.kernel]
+    kind = np.array(["none", "group", "group", "group", "group", "group", "tensor"])[batch.kernel]
+    total_bits = kernels.storage_bits_arrays(lay.in_f, lay.out_f, batch.n, batch.m, bits, batch.group, kind)[3]
+    nbytes = np.where(present, np.ceil(total_bits / 8), 0.0)
+    n_mlgru = batch.mlgru.sum(1)
+    n_attn = w.num_layers - n_mlgru
+    has_attn = n_attn > 0
 
-    def plan_of(name: str) -> LayerPlan:
-        if name in named:
-            return named[name]
-        if ".mlgru." in name:
-            return named.get(workload.mlgru_counterpart(name), _DENSE_FP16)
-        return _DENSE_FP16
-
-    # -- linear layers: storage and the engine each uses
-    layers, blocks = _structure(workload, frozenset(mlgru))
-    info: dict[str, tuple] = {}  # name -> (plan, kept weights, storage bytes, engine key)
-    fan_in: dict[tuple, int] = {}
-    for layer in layers:
-        lp = plan_of(layer.name)
-        if lp.sparsity is not None and lp.name != layer.name:  # an MLGRU projection inheriting a plan
-            _check_m_divides(layer.name, lp.sparsity, layer.in_features, inherited=lp.name)
-        key = (engine_class(kernel_class(lp.fmt), dev.dsp_kind), lp.sparsity)
-        row_kept = kept_per_row(layer.in_features, lp.sparsity)
-        nbytes = storage_bytes(layer.in_features, layer.out_features, lp.sparsity, lp.fmt)
-        info[layer.name] = (lp, row_kept * layer.out_features, nbytes, key)
-        fan_in[key] = max(fan_in.get(key, 0), row_kept)
-    attn_blocks = [i for i in range(workload.num_layers) if i not in mlgru]
-    attn_macs = B * 2 * workload.heads * workload.head_dim * L  # per attention block per decode step
-    fp16_key = ("fp16", None)
-    if attn_blocks:  # QK^T and AV run on the FP16 dense engine
-        fan_in.setdefault(fp16_key, workload.head_dim)
-    engines = {key: _engine(key[0], key[1], fi, dev.dsp_kind) for key, fi in fan_in.items()}
-    for lp, kept, nbytes, key in info.values():
-        engines[key].kept_macs += B * kept
-    avail = dev.available()
-    dsp_budget, lut_budget = accel.dsp_share * avail["dsp"], accel.lut_share * avail["lut"]
-    att_lanes = 0
-    if attn_blocks:  # bandwidth-matched attention lanes, reserved first: the same for every context length
-        e16 = engines[fp16_key]
-        cap = ATTENTION_BUDGET_CAP * min(dsp_budget * e16.macs_per_dsp, lut_budget / e16.lut_per_lane)
-        att_lanes = max(1, min(math.ceil(attention_lanes(workload, bpc, kv_value)), math.floor(cap)))
-        dsp_budget -= att_lanes / e16.macs_per_dsp
-        lut_budget -= att_lanes * e16.lut_per_lane
-    size_engines(list(engines.values()), dsp_budget, lut_budget)
-    if attn_blocks:
-        e16.lanes += att_lanes
-        e16.attention_lanes = att_lanes
-        e16.kept_macs += attn_macs * len(attn_blocks)
-        _fill_resources(e16)
+    eng = _engines(batch, present, kept, accel, has_attn)
+    lanes_row = np.take_along_axis(eng.lanes, np.maximum(eng.of_row, 0), axis=1)
+    compute = np.where(present, kept / np.maximum(lanes_row, 1), 0.0)
+    read = nbytes if streamed else np.zeros_like(nbytes)
+    rows_cycles = np.maximum(compute, read / bpc).sum(1)
+    prefill = np.maximum(P * compute, read / bpc).sum(1)
 
     # -- weight bytes
-    lm_shares = workload.tied_embeddings and plan_of("lm_head").is_identity
-    lm_bytes = info["lm_head"][2]
-    block_bytes = sum(nbytes for _, _, nbytes, _ in info.values()) - lm_bytes
-    embed_bytes = workload.embedding_params() * 2
-    breakdown = {"linear": block_bytes, "lm_head": 0 if lm_shares else lm_bytes, "embedding": embed_bytes}
-    weight_total = sum(breakdown.values())
+    lm = lay.lm_head
+    lm_shares = np.full(nP, w.tied_embeddings) & (batch.kernel[:, lm] == _FP16) & (batch.m[:, lm] == 1)
+    lm_bytes = nbytes[:, lm]
+    embed_bytes = w.embedding_params() * 2
+    breakdown = {"linear": nbytes.sum(1) - lm_bytes, "lm_head": np.where(lm_shares, 0.0, lm_bytes),
+                 "embedding": np.full(nP, float(embed_bytes))}
 
-    # -- per-row decode cycles (rows) and prefill cycles, in model order
-    rows: list[LayerCost] = []
-    prefill_cycles = 0.0
-
-    def add(row: LayerCost, prefill_compute: float, prefill_bytes: float) -> None:
-        nonlocal prefill_cycles
-        row.memory_cycles = row.memory_bytes / bpc
-        row.bound = "compute" if row.compute_cycles > row.memory_cycles else "memory"
-        rows.append(row)
-        prefill_cycles += max(prefill_compute, prefill_bytes / bpc)
-
-    def add_linear(layer) -> None:
-        lp, kept, nbytes, key = info[layer.name]
-        lanes = engines[key].lanes
-        read = nbytes if streamed else 0
-        add(LayerCost(layer.name, _label(lp.sparsity, lp.fmt), layer.block,
-                      macs=B * layer.in_features * layer.out_features, kept_macs=B * kept, weight_bytes=nbytes,
-                      memory_bytes=read, compute_cycles=B * kept / lanes),
-            B * P * kept / lanes, read)
-
-    row_bytes = workload.embedding_row_values() * 2
-    add(LayerCost(workload.embedding_name, "embedding fp16", None, memory_bytes=B * row_bytes), 0.0, B * P * row_bytes)
-    kv_token = workload.kv_bytes_per_token(kv_value)
-    lanes16 = engines[fp16_key].lanes if attn_blocks else 1
-    causal = P * (P + 1) / 2  # keys attended over a causal prompt of P tokens
+    # -- embedding, attention and MLGRU rows
+    row_bytes = w.embedding_row_values() * 2
+    embedding_bytes = float(B * row_bytes)
+    kv_token = w.kv_bytes_per_token(kv_value)
+    attn_macs = B * 2 * w.heads * w.head_dim * L  # per attention block per decode step
+    lanes16 = eng.lanes[:, eng.fp16] if eng.fp16 >= 0 else np.ones(nP)
     sm = c["softmax_ops_per_score"] / sfu_lanes
-    for i, (mixer_layers, mlp_layers) in enumerate(blocks):
-        for layer in mixer_layers:
-            add_linear(layer)
-        if i in mlgru:
-            ops = B * workload.hidden * c["mlgru_ops_per_channel"] / sfu_lanes
-            add(LayerCost(f"{workload.block_prefix}.{i}.mlgru", "mlgru", i, compute_cycles=ops), P * ops, 0.0)
-        else:
-            kv = B * L * kv_token
-            add(LayerCost(workload.attention_name.format(i=i), "attention fp16", i, macs=attn_macs,
-                          kept_macs=attn_macs, kv_bytes=kv, memory_bytes=kv,
-                          compute_cycles=attn_macs / lanes16 + B * workload.heads * L * sm),
-                B * 2 * workload.heads * workload.head_dim * causal / lanes16 + B * workload.heads * causal * sm,
-                B * P * kv_token)
-        for layer in mlp_layers:
-            add_linear(layer)
-    add_linear(workload.lm_head())
-    step_cycles = sum(row.cycles for row in rows)
+    causal = P * (P + 1) / 2  # keys attended over a causal prompt of P tokens
+    kv_read = float(B * L * kv_token)
+    attn_compute = attn_macs / np.maximum(lanes16, 1) + B * w.heads * L * sm
+    attn_cycles = np.maximum(attn_compute, kv_read / bpc)
+    attn_prefill = np.maximum(B * 2 * w.heads * w.head_dim * causal / np.maximum(lanes16, 1)
+                              + B * w.heads * causal * sm, B * P * kv_token / bpc)
+    mlgru_cycles = B * w.hidden * c["mlgru_ops_per_channel"] / sfu_lanes
+    step_cycles = embedding_bytes / bpc + rows_cycles + n_attn * attn_cycles + n_mlgru * mlgru_cycles
+    prefill_cycles = B * P * row_bytes / bpc + prefill + n_attn * attn_prefill + n_mlgru * P * mlgru_cycles
+    if eng.fp16 >= 0:
+        eng.kept[:, eng.fp16] += attn_macs * n_attn
     step_s = step_cycles / clock_hz
 
     # -- resources
-    max_in = max(layer.in_features for layer in layers)
-    buffer_bits = 2 * B * max_in * act_bytes * 8 + B * len(mlgru) * workload.hidden * act_bytes * 8
+    max_in = np.where(present, lay.in_f, 0).max(1)
+    buffer_bits = 2 * B * max_in * act_bytes * 8 + B * n_mlgru * w.hidden * act_bytes * 8
     infra = c["infrastructure"]
-    used = {
-        "lut": sum(e.lut for e in engines.values()) + infra["lut"] + sfu["lut"],
-        "ff": sum(e.ff for e in engines.values()) + infra["ff"] + sfu["ff"],
-        "dsp": sum(e.dsp for e in engines.values()) + infra["dsp"] + sfu["dsp"],
-        "bram36": infra["bram36"] + math.ceil(buffer_bits / BRAM36_BITS),
-        "uram": 0,
-    }
-    resident_bytes = 0 if streamed else block_bytes + lm_bytes
-    if resident_bytes:
-        bits = resident_bytes * 8
+    used = {"lut": eng.lut.sum(1) + infra["lut"] + sfu["lut"], "ff": eng.ff.sum(1) + infra["ff"] + sfu["ff"],
+            "dsp": eng.dsp.sum(1) + infra["dsp"] + sfu["dsp"],
+            "bram36": infra["bram36"] + np.ceil(buffer_bits / BRAM36_BITS), "uram": np.zeros(nP)}
+    avail = dev.available()
+    resident = np.zeros(nP) if streamed else breakdown["linear"] + lm_bytes
+    if not streamed:
         uram_budget = accel.uram_share * avail["uram"] * URAM_BITS
         bram_budget = accel.bram_share * avail["bram36"] * BRAM36_BITS
         frac_uram = uram_budget / (uram_budget + bram_budget) if uram_budget + bram_budget > 0 else 0.0
-        used["uram"] = math.ceil(bits * frac_uram / URAM_BITS)
-        used["bram36"] += math.ceil(bits * (1 - frac_uram) / BRAM36_BITS)
+        used["uram"] = np.ceil(resident * 8 * frac_uram / URAM_BITS)
+        used["bram36"] = used["bram36"] + np.ceil(resident * 8 * (1 - frac_uram) / BRAM36_BITS)
+    used = {r: np.asarray(v, dtype=float) * np.ones(nP) for r, v in used.items()}
     caps = {r: float(c["utilisation_caps"][_CAP_KEY[r]]) for r in RESOURCES}
-    util = {r: (used[r] / avail[r] if avail[r] > 0 else (0.0 if used[r] == 0 else 1e9)) for r in RESOURCES}
-    violations = [r for r in RESOURCES if util[r] > caps[r]]
-    violation = max([0.0] + [util[r] / caps[r] - 1.0 for r in RESOURCES])
+    util = {r: (used[r] / avail[r] if avail[r] > 0 else np.where(used[r] == 0, 0.0, 1e9)) for r in RESOURCES}
+    violation = np.max(np.stack([np.zeros(nP)] + [util[r] / caps[r] - 1.0 for r in RESOURCES]), axis=0)
 
-    kv_capacity = B * len(attn_blocks) * L * kv_token
-    offchip = embed_bytes + kv_capacity + (0 if not streamed else breakdown["linear"] + breakdown["lm_head"])
-    capacity = mem.capacity_bytes
-    cap_off = float(c["offchip_capacity_cap"])
-    if offchip > capacity * cap_off:
-        violations.append("offchip_capacity")
-    violation = max(violation, offchip / (capacity * cap_off) - 1.0)
+    kv_capacity = B * n_attn * L * kv_token
+    offchip = embed_bytes + kv_capacity + (breakdown["linear"] + breakdown["lm_head"] if streamed else 0.0)
+    cap_off = mem.capacity_bytes * float(c["offchip_capacity_cap"])
+    over = offchip > cap_off
+    violation = np.maximum(violation, offchip / cap_off - 1.0)
 
     # -- energy per decode step
     overhead = float(c["fpga_overhead"])
     sram_pj_per_byte = c["energy_pj_45nm"]["sram_read32"] / 4.0
-    pj_attention = engines[fp16_key].pj_per_mac if attn_blocks else 0.0
-    compute_pj = sum(B * kept * pj_per_mac(kernel_class(lp.fmt)) for lp, kept, _, _ in info.values())
-    compute_j = (compute_pj + attn_macs * len(attn_blocks) * pj_attention) * overhead * 1e-12
-    offchip_j = sum(row.memory_bytes for row in rows) * 8 * c["offchip_pj_per_bit"][mem.kind] * 1e-12
-    act_traffic = sum(B * (layer.in_features + layer.out_features) * act_bytes for layer in layers)
-    onchip_j = (resident_bytes + act_traffic) * sram_pj_per_byte * overhead * 1e-12
-    static_j = dev.static_w * step_s
-    step_j = static_j + compute_j + offchip_j + onchip_j
+    pj = np.array([kernels.pj_per_mac(k, accel.act_bits) for k in KERNELS])
+    compute_pj = (kept * pj[batch.kernel]).sum(1) + attn_macs * n_attn * pj[_FP16]
+    offchip_bytes = embedding_bytes + read.sum(1) + n_attn * kv_read
+    act_traffic = np.where(present, B * (lay.in_f + lay.out_f) * act_bytes, 0.0).sum(1)
+    energy = {"static": dev.static_w * step_s, "compute": compute_pj * overhead * 1e-12,
+              "offchip": offchip_bytes * 8 * c["offchip_pj_per_bit"][mem.kind] * 1e-12,
+              "onchip": (resident + act_traffic) * sram_pj_per_byte * overhead * 1e-12}
 
+    return _Core(present=present, kept=kept, nbytes=nbytes, compute=compute, memory_bytes=read, engines=eng,
+                 attention_row=(attn_macs, kv_read, attn_compute), mlgru_cycles=mlgru_cycles,
+                 embedding_bytes=embedding_bytes, n_attention=n_attn, n_mlgru=n_mlgru, step_cycles=step_cycles,
+                 prefill_cycles=prefill_cycles, bytes_per_cycle=bpc, used=used, available=avail, caps=caps,
+                 util=util, violation=violation, offchip=offchip, capacity=mem.capacity_bytes, over_capacity=over,
+                 breakdown=breakdown, lm_shares=lm_shares, energy=energy, step_s=step_s)
+
+
+# ---------------------------------------------------------------------------- public entry points
+def estimate_batch(batch: PlanBatch, accel: Accelerator) -> BatchReport:
+    """Cost of every plan of ``batch`` on ``accel``, vectorised over the plans: the same code, formulas
+    and numbers as :func:`estimate` plan by plan (``PlanBatch.from_plans(plans, workload)`` builds a batch)."""
+    core = _core(batch, accel)
+    step_j = sum(core.energy.values())
+    B = accel.batch
+    return BatchReport(
+        decode_ms_per_token=core.step_s * 1e3, decode_tokens_per_s=B / core.step_s,
+        prefill_ms=core.prefill_cycles / (accel.clock_mhz * 1e6) * 1e3, power_w=step_j / core.step_s,
+        j_per_token=step_j / B, weight_bytes_total=sum(core.breakdown.values()),
+        fits=np.all([core.util[r] <= core.caps[r] for r in RESOURCES], axis=0) & ~core.over_capacity,
+        constraint_violation=core.violation, resources=core.used, utilisation=core.util)
+
+
+def estimate(plan: ModelPlan, workload: Workload, accel: Accelerator) -> HwReport:
+    """Cost of ``plan`` for ``workload`` on ``accel`` (formulas in the module docstring).
+
+    Raises ValueError (one line naming the field) when the plan names a layer or block the workload
+    does not have, when an N:M pattern's M does not divide a layer's in_features, or when the
+    accelerator's clock is not a positive number of MHz.
+    """
+    batch = PlanBatch.from_plans([plan], workload)
+    core = _core(batch, accel)
+    return _report(core, batch, accel)
+
+
+@lru_cache(maxsize=None)
+def _layer_label(cls: str, n: int, m: int, group: int) -> str:
+    name = "16" if cls == "fp16" else ("ternary" if cls == "ternary" else cls[3:])
+    return LayerPlan("x", None if m == 1 else Sparsity(n, m), WeightFormat(name, group)).label
+
+
+def _report(core: _Core, batch: PlanBatch, accel: Accelerator) -> HwReport:
+    """The detailed :class:`HwReport` of plan 0 of a core evaluation."""
+    w = batch.workload
+    lay = layout(w)
+    dev = accel.dev
+    eng = core.engines
+    B = accel.batch
+    bpc = core.bytes_per_cycle
+
+    rows: list[LayerCost] = []
+
+    def add(row: LayerCost) -> None:
+        row.memory_cycles = row.memory_bytes / bpc
+        row.bound = "compute" if row.compute_cycles > row.memory_cycles else "memory"
+        rows.append(row)
+
+    kernel, n, m, group = (x[0].tolist() for x in (batch.kernel, batch.n, batch.m, batch.group))
+    kept, nbytes, read, compute = (x[0].tolist() for x in (core.kept, core.nbytes, core.memory_bytes, core.compute))
+
+    def add_linear(r: int) -> None:
+        layer = lay.layers[r]
+        add(LayerCost(layer.name, _layer_label(KERNELS[kernel[r]], n[r], m[r], group[r]), layer.block,
+                      macs=B * layer.in_features * layer.out_features, kept_macs=kept[r], weight_bytes=int(nbytes[r]),
+                      memory_bytes=read[r], compute_cycles=compute[r]))
+
+    attn_macs, kv_read, attn_compute = core.attention_row
+    add(LayerCost(w.embedding_name, "embedding fp16", None, memory_bytes=core.embedding_bytes))
+    present = np.flatnonzero(core.present[0]).tolist()
+    blocks: list[list[int]] = [[] for _ in range(w.num_layers)]
+    before, after = [], []
+    for r in present:  # OPT project_in before the blocks; project_out and lm_head after them
+        layer = lay.layers[r]
+        (blocks[layer.block] if layer.block is not None else (after if any(blocks) else before)).append(r)
+    for r in before:
+        add_linear(r)
+    for i, block_rows in enumerate(blocks):
+        for r in block_rows:
+            if lay.kind[r] != 0:
+                add_linear(r)
+        if batch.mlgru[0, i]:
+            add(LayerCost(f"{w.block_prefix}.{i}.mlgru", "mlgru", i, compute_cycles=float(core.mlgru_cycles)))
+        else:
+            add(LayerCost(w.attention_name.format(i=i), "attention fp16", i, macs=attn_macs, kept_macs=attn_macs,
+                          kv_bytes=int(kv_read), memory_bytes=kv_read, compute_cycles=float(attn_compute[0])))
+        for r in block_rows:
+            if lay.kind[r] == 0:
+                add_linear(r)
+    for r in after:
+        add_linear(r)
+
+    engines: list[EngineCost] = []
+    order = list(dict.fromkeys(int(eng.of_row[0, r]) for r in present))
+    if eng.fp16 >= 0 and core.n_attention[0] > 0 and eng.fp16 not in order:
+        order.append(eng.fp16)
+    for e in order:
+        cls, n, m = eng.cls[e], int(eng.n[e]), int(eng.m[e])
+        sp = "dense" if m == 1 else f"{n}:{m}"
+        engines.append(EngineCost(
+            label=cls if m == 1 else f"{sp} {cls}", kernel=cls, sparsity=sp, lanes=int(eng.lanes[0, e]),
+            kept_macs=float(eng.kept[0, e]), macs_per_dsp=float(eng.macs_per_dsp[e]),
+            lut_per_lane=float(eng.lut_per_lane[0, e]), ff_per_lane=float(eng.ff_per_lane[0, e]),
+            pj_per_mac=kernels.pj_per_mac(cls, accel.act_bits), fan_in=int(eng.fan_in[0, e]),
+            attention_lanes=int(eng.attention[0]) if e == eng.fp16 else 0,
+            dsp=int(eng.dsp[0, e]), lut=int(eng.lut[0, e]), ff=int(eng.ff[0, e])))
+
+    violations = [r for r in RESOURCES if core.util[r][0] > core.caps[r]]
+    if core.over_capacity[0]:
+        violations.append("offchip_capacity")
+    step_s = float(core.step_s[0])
+    energy = {k: float(v[0]) for k, v in core.energy.items()}
+    step_j = sum(energy.values())
     return HwReport(
-        device=dev.name, clock_mhz=float(accel.clock_mhz), weights=accel.weights, memory=mem.kind,
-        batch=B, context_length=L, prompt_length=P,
-        resources={r: float(used[r]) for r in RESOURCES}, available={r: float(avail[r]) for r in RESOURCES},
-        utilisation=util, caps=caps, fits=not violations, violations=violations,
-        constraint_violation=float(violation), offchip_bytes=int(offchip), offchip_capacity_bytes=int(capacity),
-        weight_bytes_total=int(weight_total), weight_bytes_breakdown={k: int(v) for k, v in breakdown.items()},
-        lm_head_shares_embedding=bool(lm_shares),
+        device=dev.name, clock_mhz=float(accel.clock_mhz), weights=accel.weights, memory=accel.memory_kind,
+        batch=B, context_length=accel.context_length, prompt_length=accel.prompt_length,
+        resources={r: float(core.used[r][0]) for r in RESOURCES},
+        available={r: float(core.available[r]) for r in RESOURCES},
+        utilisation={r: float(core.util[r][0]) for r in RESOURCES}, caps=core.caps, fits=not violations,
+        violations=violations, constraint_violation=float(core.violation[0]), offchip_bytes=int(core.offchip[0]),
+        offchip_capacity_bytes=int(core.capacity),
+        weight_bytes_total=int(sum(v[0] for v in core.breakdown.values())),
+        weight_bytes_breakdown={k: int(v[0]) for k, v in core.breakdown.items()},
+        lm_head_shares_embedding=bool(core.lm_shares[0]),
         decode_ms_per_token=step_s * 1e3, decode_tokens_per_s=B / step_s,
-        prefill_ms=prefill_cycles / clock_hz * 1e3,
-        power_w=step_j / step_s, j_per_token=step_j / B,
-        energy_breakdown_j={"static": static_j, "compute": compute_j, "offchip": offchip_j, "onchip": onchip_j},
-        engines=list(engines.values()), layers=rows,
+        prefill_ms=float(core.prefill_cycles[0]) / (accel.clock_mhz * 1e6) * 1e3,
+        power_w=step_j / step_s, j_per_token=step_j / B, energy_breakdown_j=energy,
+        engines=engines, layers=rows,
     )

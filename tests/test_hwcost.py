@@ -14,7 +14,7 @@ import pytest
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
 from hwcost import Accelerator, HwReport, METRICS, Workload, estimate, get_device, list_devices
 from hwcost.devices import constants
-from hwcost.model import index_bits_per_group, storage_bits
+from hwcost.kernels import index_bits_per_group, storage_bits
 
 SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M config.json (the fields hwcost reads)
     "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
@@ -163,7 +163,7 @@ def test_accelerator_validation(bad, message):
 def test_accelerator_defaults():
     a = Accelerator.from_dict({"device": "kria-kv260", "clock_mhz": 300})
     assert a.efficiency == 0.85 and a.batch == 1 and a.context_length == 512 and a.prompt_length == 128
-    assert Accelerator("alveo-u280").efficiency == 0.659
+    assert Accelerator("alveo-u280").efficiency == constants()["mem_efficiency"]["hbm2"]  # fitted (calibration)
     assert a.bytes_per_cycle == pytest.approx(19.2e9 * 0.85 / 300e6)
 
 

@@ -267,6 +267,7 @@ BAD_ESTIMATES = [
     (["--weights", "int4", "--clock-mhz", "0"], "--clock-mhz: 0 is not a number in [1, 1000] MHz"),
     (["--weights", "int4", "--clock-mhz", "fast"], "--clock-mhz: fast is not a number"),
     (["--weights", "int4", "--batch", "0"], "--batch: '0' is not an integer >= 1"),
+    (["--weights", "int4", "--act-bits", "12"], "--act-bits: '12' is not one of 8, 16"),
     (["--weights", "int4", "--context", "-1"], "--context: '-1' is not an integer >= 0"),
     (["--weights", "int4", "--group-size", "0"], "--group-size: '0' is not an integer >= 1"),
     (["--weights", "int4", "--mixer", "ssm"], "--mixer: 'ssm' is not one of attention, mlgru"),

@@ -137,6 +137,24 @@ def test_int3_and_int2_share_the_int4_lanes():
         assert row.kernel == f"int{bits}/g128"
 
 
+def test_int4_with_16_bit_activations():
+    # --act-bits 16 (W4A16): constants.yaml macs_per_dsp_a16 packs two 4-bit weights per DSP48E2 against a
+    # 16-bit activation (assumption there), so the INT4 engine gets 1260 * 2 = 2520 lanes; LUT 2520*6 = 15,120
+    # -> still DSP-bound. Storage is unchanged (67,584 bytes, as in test_int4_g128_dense).
+    a16 = Accelerator("zcu102", clock_mhz=96, mem_efficiency=0.5, dsp_share=0.5, lut_share=0.5,
+                      weights="streamed", batch=1, context_length=64, prompt_length=16, act_bits=16)
+    report = estimate(single_format_plan(None, WeightFormat("4", 128)), TINY, a16)
+    engine, row = report.engines[0], next(r for r in report.layers if r.name == LAYER)
+    check(report, engine, row, kept=131072, value_bits=131072 * 4, scale_bits=2 * 512 * 16, index_bits=0,
+          lanes=2520, dsp=1260, lut_per_lane=LUT_INT, ff_per_lane=FF_PER_LUT * LUT_INT + FF_INT)
+    # energy per INT4 MAC (Horowitz, before the FPGA overhead): mul8 * 4 * A / 64 + add32
+    e = C["energy_pj_45nm"]
+    assert engine.pj_per_mac == pytest.approx(e["mul8"] * 4 * 16 / 64 + e["add32"])   # 0.2 + 0.1 = 0.3 pJ
+    # 2:4 INT4 with A = 16: the 4:1 operand mux is 16 bits wide: 16 * ceil(3/3) + ceil(log2 4) = 18 extra LUTs
+    report = estimate(single_format_plan(Sparsity(2, 4), WeightFormat("4", 128)), TINY, a16)
+    assert report.engines[0].lut_per_lane == LUT_INT + 16 + 2
+
+
 def test_2_4_int4_g128():
     report, engine, row = run(Sparsity(2, 4), WeightFormat("4", 128))
     # kept per row = 256/4 * 2 = 128 -> kept = 128 * 512 = 65,536 MACs (half of 131,072)

@@ -1,0 +1,178 @@
+"""Datapath models per layer format: storage, MAC lanes, LUT/FF/DSP per lane and energy per MAC.
+
+One function per figure, FINN ``*_estimation()`` style; every constant is ``C[...]`` from
+``data/constants.yaml``. The functions taking ``in_features``, ``n``, ``m`` or ``fan_in`` work on
+Python numbers and on numpy arrays alike, so that :mod:`hwcost.model` evaluates a batch of plans
+with the same formulas as a single one.
+
+Kernel classes: ``fp16``, ``int8``, ``int6``, ``int4``, ``int3``, ``int2``, ``ternary``
+(:data:`KERNELS`). Sparsity is N:M with ``n`` kept of every ``m`` weights along the input
+dimension; dense is ``n = m = 1`` in the array forms (no index bits, no operand mux).
+
+Storage of one linear layer (in x out), bits
+    kept_per_row = min(in, ceil(in / M) * N)               (dense: in)
+    values       = kept_per_row * out * value_bits         (16 fp16, k for INT-k,
+                                                            C[ternary.bits_per_weight] ternary)
+    scales       = ceil(kept_per_row / group) * out * C[scale_bits]   (INT-k, groups of kept values)
+                   C[scale_bits]                                    (ternary: one per-tensor scale)
+    index        = ceil(in / M) * out * N * ceil(log2 M)            (N:M index metadata)
+e.g. 2:4 INT4: per 4 weights 2*4 value + 2*2 index bits = 3 bits/weight.
+
+Lanes of a matrix-vector engine (one MAC per lane per cycle)
+    MAC lanes per DSP     C[macs_per_dsp][dsp_kind][class]           (activations <= 8 bits)
+                          C[macs_per_dsp_a16][dsp_kind][class]       (16-bit activations)
+    LUT per lane (DSP)    C[lane_lut][dsp_kind][fp16|int]
+    LUT per lane (ternary) A + ceil(log2 max(fan_in, 2)), no DSP     (add/subtract tree)
+    N:M extra LUT/lane    A * ceil((M-1) / (C[nm_mux_inputs_per_lut6]-1))   (M:1 operand mux)
+                          + ceil(log2 M) * C[nm_index_decode_lut_per_index_bit]
+    FF per lane           C[ff_per_lut] * LUT per lane + C[lane_ff_extra][fp16|int|ternary]
+A = activation bits: 16 for fp16, else ``act_bits`` (the accelerator's) or C[activation_bits].
+
+Energy per MAC, pJ at 45 nm (Horowitz ISSCC 2014), before C[fpga_overhead]
+    fp16 fmul16 + fadd16; INT-k mul8 * k * A / 64 + add32; ternary add8.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from dse.plan import Sparsity, WeightFormat
+from hwcost.devices import constants
+
+KERNELS = ("fp16", "int8", "int6", "int4", "int3", "int2", "ternary")
+"""Kernel classes in a fixed order (array code = index)."""
+
+
+# ---------------------------------------------------------------------------- classes
+@lru_cache(maxsize=None)
+def kernel_class(fmt: WeightFormat) -> str:
+    """``fp16``, ``int8`` .. ``int2`` or ``ternary``."""
+    return "fp16" if fmt.is_float else ("ternary" if fmt.is_ternary else f"int{fmt.bits}")
+
+
+def activation_bits(cls: str, act_bits: int | None = None) -> int:
+    """Bits of the activation operand of a kernel class: 16 for fp16; ``act_bits`` or C[activation_bits]."""
+    if cls == "fp16":
+        return int(constants()["activation_bits"]["fp16"])
+    if act_bits is not None:
+        return int(act_bits)
+    return int(constants()["activation_bits"]["ternary" if cls == "ternary" else "int"])
+
+
+def _packing(dsp_kind: str, act_bits: int | None) -> dict:
+    c = constants()
+    return c["macs_per_dsp_a16" if activation_bits("int8", act_bits) > 8 else "macs_per_dsp"][dsp_kind]
+
+
+def macs_per_dsp(cls: str, dsp_kind: str, act_bits: int | None = None) -> float:
+    """MAC lanes one DSP block gives a lane of class ``cls`` (0 for ternary: no DSP)."""
+    return 0.0 if cls == "ternary" else float(_packing(dsp_kind, act_bits)[cls])
+
+
+@lru_cache(maxsize=None)
+def engine_class(cls: str, dsp_kind: str, act_bits: int | None = None) -> str:
+    """The kernel class whose engine runs layers of class ``cls``: the widest INT class with the same
+    DSP packing for INT-k (int6 -> int8, int3 and int2 -> int4 on DSP48E2 with 8-bit activations;
+    narrower weights are sign-extended into the same lanes); fp16 and ternary run on their own."""
+    if cls in ("fp16", "ternary"):
+        return cls
+    packing = _packing(dsp_kind, act_bits)
+    same = [k for k in packing if k.startswith("int") and packing[k] == packing[cls]]
+    return max(same, key=lambda k: int(k[3:]))
+
+
+# ---------------------------------------------------------------------------- lanes
+def nm_lut_per_lane(cls: str, m, act_bits: int | None = None):
+    """Extra LUTs per lane for N:M (M = ``m``; 1 = dense gives 0): A * ceil((M-1)/3) operand mux + ceil(log2 M)."""
+    c = constants()
+    per_lut = int(c["nm_mux_inputs_per_lut6"]) - 1
+    m = np.asarray(m, dtype=float)
+    return (activation_bits(cls, act_bits) * np.ceil((m - 1) / per_lut)
+            + np.ceil(np.log2(m)) * c["nm_index_decode_lut_per_index_bit"])
+
+
+def lane_lut(cls: str, m, fan_in, dsp_kind: str, act_bits: int | None = None):
+    """LUTs per MAC lane: the class's base (ternary: adder tree A + ceil(log2 fan_in)) plus the N:M mux."""
+    if cls == "ternary":
+        base = activation_bits(cls, act_bits) + np.ceil(np.log2(np.maximum(np.asarray(fan_in, dtype=float), 2)))
+    else:
+        base = float(constants()["lane_lut"][dsp_kind]["fp16" if cls == "fp16" else "int"])
+    return base + nm_lut_per_lane(cls, m, act_bits)
+
+
+def lane_ff(cls: str, lut):
+    """Flip-flops per lane: C[ff_per_lut] * LUT per lane + C[lane_ff_extra][class]."""
+    c = constants()
+    extra = c["lane_ff_extra"]["fp16" if cls == "fp16" else ("ternary" if cls == "ternary" else "int")]
+    return c["ff_per_lut"] * np.asarray(lut, dtype=float) + extra
+
+
+def pj_per_mac(cls: str, act_bits: int | None = None) -> float:
+    """Energy of one MAC at 45 nm, pJ, before C[fpga_overhead] (formulas in the module docstring)."""
+    e = constants()["energy_pj_45nm"]
+    if cls == "fp16":
+        return e["fmul16"] + e["fadd16"]
+    if cls == "ternary":
+        return e["add8"]
+    return e["mul8"] * int(cls[3:]) * activation_bits(cls, act_bits) / 64.0 + e["add32"]
+
+
+# ---------------------------------------------------------------------------- storage
+def value_bits(fmt: WeightFormat) -> float:
+    """Bits of one stored kept weight: 16 (fp16), k (INT-k), C[ternary.bits_per_weight] (ternary)."""
+    if fmt.is_ternary:
+        return float(constants()["ternary"]["bits_per_weight"])
+    return float(fmt.bits)
+
+
+def kept_per_row(in_features, n=1, m=1):
+    """Kept weights per output row: min(in, ceil(in / M) * N) (dense n = m = 1: in)."""
+    in_features = np.asarray(in_features, dtype=float)
+    return np.minimum(in_features, np.ceil(in_features / m) * n)
+
+
+def index_bits_per_group(sparsity: Sparsity | None) -> int:
+    """N:M index metadata bits per group of M weights: N * ceil(log2 M) (0 when dense)."""
+    if sparsity is None:
+        return 0
+    return int(sparsity.n * np.ceil(np.log2(sparsity.m)))
+
+
+def storage_bits_arrays(in_features, out_features, n, m, bits, group, scales_per: str | np.ndarray):
+    """Storage bits (values, scales, index, total) of layers given as arrays.
+
+    ``bits``: value bits per kept weight; ``group``: weights per scale (INT);
+    ``scales_per``: ``'group'`` (INT), ``'tensor'`` (ternary) or ``'none'`` (fp16), or an array of those.
+    """
+    scale_bits = float(constants()["scale_bits"])
+    in_features = np.asarray(in_features, dtype=float)
+    out_features = np.asarray(out_features, dtype=float)
+    m = np.asarray(m, dtype=float)
+    n = np.asarray(n, dtype=float)
+    kept = kept_per_row(in_features, n, m)
+    values = kept * out_features * bits
+    scales_per = np.asarray(scales_per)
+    scales = np.where(scales_per == "group", np.ceil(kept / group) * out_features * scale_bits,
+                      np.where(scales_per == "tensor", scale_bits, 0.0))
+    index = np.ceil(in_features / m) * out_features * n * np.ceil(np.log2(m))
+    return values, scales, index, values + scales + index
+
+
+def scales_kind(fmt: WeightFormat) -> str:
+    """How a format stores scales: ``group`` (INT-k), ``tensor`` (ternary) or ``none`` (fp16)."""
+    return "none" if fmt.is_float else ("tensor" if fmt.is_ternary else "group")
+
+
+def storage_bits(in_features: int, out_features: int, sparsity: Sparsity | None,
+                 fmt: WeightFormat) -> dict[str, float]:
+    """Bits of one linear layer's stored weights: ``values``, ``scales``, ``index`` and ``total``."""
+    n, m = (1, 1) if sparsity is None else (sparsity.n, sparsity.m)
+    parts = storage_bits_arrays(in_features, out_features, n, m, value_bits(fmt), fmt.group_size, scales_kind(fmt))
+    return dict(zip(("values", "scales", "index", "total"), (float(x) for x in parts)))
+
+
+def storage_bytes(in_features: int, out_features: int, sparsity: Sparsity | None, fmt: WeightFormat) -> int:
+    """Bytes of one linear layer's stored weights: ceil(total bits / 8)."""
+    return int(np.ceil(storage_bits(in_features, out_features, sparsity, fmt)["total"] / 8))

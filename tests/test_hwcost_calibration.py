@@ -1,0 +1,152 @@
+"""Calibration against published FPGA designs (hwcost/calibration.py, `dse hwcost calibrate`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dse.cli import main
+from hwcost import calibration
+from hwcost.calibration import CalibrationRow, calibration_rows, override_constants
+from hwcost.devices import DATA_DIR, constants
+
+SHARED_PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "calibration" / "published_fpga.yaml"
+"""The project's shared calibration file: <repo>/../shared/calibration/published_fpga.yaml."""
+HEADER_LINES = 2
+
+ROWS = calibration_rows()
+TOLERANCED = [row for row in ROWS if row.tolerance is not None]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> dict:
+    return calibration.fit()
+
+
+@pytest.mark.parametrize("row", TOLERANCED, ids=[f"{r.design}:{r.metric}" for r in TOLERANCED])
+def test_toleranced_check_passes(row: CalibrationRow):
+    print(f"{row.design} {row.metric}: reported {row.reported:g}, predicted {row.predicted:.4g}, "
+          f"residual {row.residual:+.1%}, tolerance {row.tolerance:.0%} ({row.note})")
+    assert row.predicted is not None
+    assert row.residual == pytest.approx(row.predicted / row.reported - 1.0)
+    assert abs(row.residual) <= row.tolerance
+    assert row.passed is True
+
+
+def test_every_design_and_reported_figure_has_a_row():
+    published = yaml.safe_load((DATA_DIR / "published_fpga.yaml").read_text())
+    expected = {(d["id"], metric) for d in published["designs"] for metric in d["reported"]}
+    assert expected <= {(row.design, row.metric) for row in ROWS}
+    tolerances = {(row.design, row.metric): row.tolerance for row in ROWS}
+    assert tolerances[("flightllm-u280-llama2-7b", "decode_tokens_per_s")] == 0.20
+    assert tolerances[("kv260-llama2-7b-w4a16", "decode_tokens_per_s")] == 0.20
+    assert tolerances[("matmulfree-d5005-1p3b", "decode_tokens_per_s")] == 0.30
+    assert tolerances[("matmulfree-d5005-1p3b", "power_w")] == 0.30
+    for metric in ("matmul_speedup_4096", "llama7b_throughput_per_token"):  # GPU figures: printed, no prediction
+        row = next(r for r in ROWS if r.metric == metric)
+        assert row.predicted is None and row.tolerance is None and row.passed is None
+        assert row.note == calibration.GPU_NOTE
+
+
+def llama2_7b_linear_shapes() -> list[tuple[int, int]]:
+    """(in, out) of the 224 block linear layers of LLaMA2-7B (hidden 4096, intermediate 11008, 32 blocks)."""
+    h, f = 4096, 11008
+    return [(h, h)] * 4 * 32 + [(h, f), (h, f), (f, h)] * 32
+
+
+def test_nm_int4_storage_figures_are_exact():
+    shapes = llama2_7b_linear_shapes()
+    weights = sum(i * o for i, o in shapes)
+    reduction = 16 * weights / sum(4 * i * o for i, o in shapes)  # INT4 values stored densely, scales excluded
+    nm_bits = sum((i // 4) * o * (2 * 4 + 2 * 2) for i, o in shapes) / weights  # per 4 weights: 2 values + 2 2-bit indices
+    assert (reduction, nm_bits) == (4.0, 3.0)
+    rows = {row.metric: row for row in ROWS if row.design == "nm-int4-storage"}
+    assert rows["weight_storage_reduction_vs_fp16"].predicted == reduction
+    assert rows["nm_2of4_int4_bits_per_weight"].predicted == nm_bits
+    assert rows["weight_storage_reduction_vs_fp16"].reported == 4.0
+    assert rows["nm_2of4_int4_bits_per_weight"].reported == 3.0
+
+
+def test_designs_reproduce_the_published_shapes():
+    designs = {d: calibration.build_design(d) for d in calibration.design_ids()}
+    for design_id, design in designs.items():
+        params_b = design.published["model"]["params_b"]
+        assert design.workload.param_count() / 1e9 == pytest.approx(params_b, rel=0.05), design_id
+    flight = designs["flightllm-u280-llama2-7b"]
+    bits = [(layer.in_features * layer.out_features, flight.plan.layer(layer.name).fmt.bits)
+            for layer in flight.workload.linear_layers() if layer.name != "lm_head"]
+    assert sum(n * b for n, b in bits) / sum(n for n, _ in bits) == pytest.approx(3.55, abs=0.005)
+    matmulfree = designs["matmulfree-d5005-1p3b"]
+    from hwcost import estimate
+    report = estimate(matmulfree.plan, matmulfree.workload, matmulfree.accel)
+    assert [(e.kernel, e.lanes) for e in report.engines] == [("ternary", 512)]
+    assert all(lp.fmt.is_ternary for lp in matmulfree.plan.layers)
+    assert matmulfree.accel.clock_mhz == 60 and designs["kv260-llama2-7b-w4a16"].accel.clock_mhz == 300
+
+
+def test_override_constants_restores():
+    c = constants()
+    before = (c["fpga_overhead"], c["mem_efficiency"]["hbm2"])
+    with override_constants({"fpga_overhead": 1.5, "mem_efficiency.hbm2": 0.5}) as inside:
+        assert inside is constants() and constants()["fpga_overhead"] == 1.5
+        assert constants()["mem_efficiency"]["hbm2"] == 0.5
+    assert (c["fpga_overhead"], c["mem_efficiency"]["hbm2"]) == before
+    with pytest.raises(KeyError):
+        with override_constants({"fpga_overhead": 2.0, "no_such_constant": 1}):
+            pass
+    assert c["fpga_overhead"] == before[0]
+
+
+def test_stored_constants_equal_fit(fitted):
+    stored = calibration.stored_constants()
+    assert set(fitted) == set(calibration.FITTED_KEYS)
+    for key, value in fitted.items():
+        assert stored[key] == pytest.approx(value, rel=0.01), key
+    assert 0 < fitted["mem_efficiency.hbm2"] <= 1
+    assert 1 <= fitted["fpga_overhead"] <= 100
+
+
+@pytest.mark.skipif(not SHARED_PUBLISHED.is_file(), reason=f"no shared calibration file at {SHARED_PUBLISHED}")
+def test_shipped_published_file_is_the_shared_one():
+    shipped = (DATA_DIR / "published_fpga.yaml").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert all(line.startswith("#") for line in shipped[:HEADER_LINES])
+    assert "".join(shipped[HEADER_LINES:]) == SHARED_PUBLISHED.read_text(encoding="utf-8")
+
+
+def test_cli_calibrate_table(capsys):
+    code = main(["hwcost", "calibrate"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    for design_id in calibration.design_ids():
+        assert design_id in out
+    assert out.splitlines()[0].split()[:7] == ["design", "metric", "reported", "predicted", "residual",
+                                               "tolerance", "result"]
+    assert "FAIL" not in out and "PASS" in out
+
+
+def test_cli_calibrate_json(capsys):
+    code = main(["hwcost", "calibrate", "--json"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    rows = json.loads(out)
+    assert [CalibrationRow(**row) for row in rows] == ROWS
+
+
+def test_cli_calibrate_fit(capsys, fitted, monkeypatch):
+    monkeypatch.setattr(calibration, "fit", lambda: fitted)  # the module fixture's result (fit() takes ~1 s)
+    code = main(["hwcost", "calibrate", "--fit"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    assert "mem_efficiency.hbm2" in out and "fpga_overhead" in out
+    data = json.loads((main(["hwcost", "calibrate", "--fit", "--json"]), capsys.readouterr().out)[1])
+    assert data["fit"]["fpga_overhead"]["stored"] == constants()["fpga_overhead"]
+
+
+def test_cli_calibrate_exits_1_on_a_failing_check(capsys, monkeypatch):
+    failing = CalibrationRow("d", "decode_tokens_per_s", 10.0, 20.0, 1.0, 0.2, False, "")
+    monkeypatch.setattr(calibration, "calibration_rows", lambda: [failing])
+    assert main(["hwcost", "calibrate"]) == 1
+    assert "FAIL" in capsys.readouterr().out
