@@ -127,11 +127,6 @@ def value_bits(fmt: WeightFormat) -> float:
     return float(fmt.bits)
 
 
-def kept_per_row(in_features, n=1, m=1):
-    """Kept weights per output row: min(in, ceil(in / M) * N) (dense n = m = 1: in)."""
-    in_features = np.asarray(in_features, dtype=float)
-    return np.minimum(in_features, np.ceil(in_features / m) * n)
-
 
 def index_bits_per_group(sparsity: Sparsity | None) -> int:
     """N:M index metadata bits per group of M weights: N * ceil(log2 M) (0 when dense)."""
@@ -140,29 +135,36 @@ def index_bits_per_group(sparsity: Sparsity | None) -> int:
     return int(sparsity.n * np.ceil(np.log2(sparsity.m)))
 
 
-def storage_bits_arrays(in_features, out_features, n, m, bits, group, scales_per: str | np.ndarray):
-    """Storage bits (values, scales, index, total) of layers given as arrays.
+SCALES_NONE, SCALES_TENSOR, SCALES_GROUP = 0, 1, 2
+"""How a format stores scales (codes for the array forms): none (fp16), one per tensor (ternary), per group (INT)."""
 
-    ``bits``: value bits per kept weight; ``group``: weights per scale (INT);
-    ``scales_per``: ``'group'`` (INT), ``'tensor'`` (ternary) or ``'none'`` (fp16), or an array of those.
+
+def storage_bits_arrays(in_features, out_features, n, m, bits, group, scales_per):
+    """Storage bits of layers given as arrays: (values, scales, index, total, kept weights per row).
+
+    ``bits``: value bits per kept weight; ``group``: weights per scale (INT); ``scales_per``:
+    :data:`SCALES_NONE`, :data:`SCALES_TENSOR` or :data:`SCALES_GROUP` (or an array of them).
     """
     scale_bits = float(constants()["scale_bits"])
     in_features = np.asarray(in_features, dtype=float)
     out_features = np.asarray(out_features, dtype=float)
-    m = np.asarray(m, dtype=float)
+    m = np.asarray(m)
     n = np.asarray(n, dtype=float)
-    kept = kept_per_row(in_features, n, m)
-    values = kept * out_features * bits
+    groups = np.ceil(in_features / m)  # groups of M along the input (the last one may be partial)
+    kept = np.minimum(in_features, groups * n)
+    kept_out = kept * out_features
+    values = kept_out * bits
     scales_per = np.asarray(scales_per)
-    scales = np.where(scales_per == "group", np.ceil(kept / group) * out_features * scale_bits,
-                      np.where(scales_per == "tensor", scale_bits, 0.0))
-    index = np.ceil(in_features / m) * out_features * n * np.ceil(np.log2(m))
-    return values, scales, index, values + scales + index
+    scales = np.where(scales_per == SCALES_GROUP, np.ceil(kept / group) * out_features * scale_bits,
+                      (scales_per == SCALES_TENSOR) * scale_bits)
+    select_bits = np.ceil(np.log2(np.arange(1, int(m.max()) + 1)))  # ceil(log2 M) by table: M takes few values
+    index = groups * out_features * n * select_bits[m - 1]
+    return values, scales, index, values + scales + index, kept
 
 
-def scales_kind(fmt: WeightFormat) -> str:
-    """How a format stores scales: ``group`` (INT-k), ``tensor`` (ternary) or ``none`` (fp16)."""
-    return "none" if fmt.is_float else ("tensor" if fmt.is_ternary else "group")
+def scales_kind(fmt: WeightFormat) -> int:
+    """How a format stores scales: :data:`SCALES_GROUP` (INT-k), :data:`SCALES_TENSOR` (ternary), :data:`SCALES_NONE` (fp16)."""
+    return SCALES_NONE if fmt.is_float else (SCALES_TENSOR if fmt.is_ternary else SCALES_GROUP)
 
 
 def storage_bits(in_features: int, out_features: int, sparsity: Sparsity | None,
@@ -170,7 +172,7 @@ def storage_bits(in_features: int, out_features: int, sparsity: Sparsity | None,
     """Bits of one linear layer's stored weights: ``values``, ``scales``, ``index`` and ``total``."""
     n, m = (1, 1) if sparsity is None else (sparsity.n, sparsity.m)
     parts = storage_bits_arrays(in_features, out_features, n, m, value_bits(fmt), fmt.group_size, scales_kind(fmt))
-    return dict(zip(("values", "scales", "index", "total"), (float(x) for x in parts)))
+    return dict(zip(("values", "scales", "index", "total"), (float(x) for x in parts[:4])))
 
 
 def storage_bytes(in_features: int, out_features: int, sparsity: Sparsity | None, fmt: WeightFormat) -> int:

@@ -195,7 +195,7 @@ class PlanBatch:
     """``P`` plans of one workload as arrays over the :class:`Layout` rows ``R`` and blocks.
 
     ``kernel`` [P, R]: index into :data:`hwcost.kernels.KERNELS`; ``n``, ``m`` [P, R]: N:M
-    (dense 1, 1); ``group`` [P, R]: INT group size; ``mlgru`` [P, blocks]: the block's mixer is an
+    (dense 1, 1), integers; ``group`` [P, R]: INT group size (float array); ``mlgru`` [P, blocks]: the block's mixer is an
     MLGRU. An MLGRU projection's entries are used only when its block is an MLGRU, an attention
     projection's only when it is not. Build one with :meth:`from_plans`, or fill the arrays directly
     (a search can map its choices to them without building :class:`ModelPlan` objects).
@@ -217,7 +217,7 @@ class PlanBatch:
         lay = layout(workload)
         shape = (size, len(lay.layers))
         return PlanBatch(workload, np.full(shape, _FP16), np.ones(shape, dtype=int), np.ones(shape, dtype=int),
-                         np.full(shape, FP16.group_size),
+                         np.full(shape, float(FP16.group_size)),
                          np.full((size, workload.num_layers), not lay.has_attention))
 
     @staticmethod
@@ -436,23 +436,20 @@ _LANE_GUARD = 1e-9  # relative: a lane count a budget affords exactly is not los
 _GOLDEN_STEPS = 30
 
 
-def _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta):
+def _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta):
     """Continuous lanes x = s * sqrt(kept / p) for the price p = theta*dsp/D + (1-theta)*lut/L, scaled by s
     so that both budgets hold, and the compute sum_e kept_e / x_e, for K values of theta per plan.
 
-    ``kept``, ``lut_cost`` [P, E]; ``dsp_cost`` [1, E]; budgets [P]; ``theta`` [P, K].
-    Returns lanes [P, K, E] and compute [P, K].
+    ``sqrt_kept`` = sqrt(kept), ``dsp_price`` = dsp/D, ``lut_price`` = lut/L: [P, E]; ``theta`` [P, K].
+    Returns lanes [P, K, E] and compute [P, K]. With raw = sqrt(kept / p) and use = the larger budget
+    share of raw, x = raw / use and kept / x = use * sqrt(kept) * sqrt(p) (0 for engines without MACs).
     """
-    kept, dsp_cost, lut_cost = kept[:, None, :], dsp_cost[:, None, :], lut_cost[:, None, :]
-    theta, dsp_budget, lut_budget = theta[:, :, None], dsp_budget[:, None, None], lut_budget[:, None, None]
-    price = np.maximum(theta * dsp_cost / dsp_budget + (1.0 - theta) * lut_cost / lut_budget, 1e-300)
-    raw = np.sqrt(kept) / np.sqrt(price)  # not sqrt(kept / price): that overflows when the price is ~0
-    use = np.maximum((dsp_cost * raw).sum(-1, keepdims=True) / dsp_budget,
-                     (lut_cost * raw).sum(-1, keepdims=True) / lut_budget)
-    lanes = raw / use
-    active = kept > 0
-    cost = np.where(active, kept / np.where(active, lanes, 1.0), 0.0).sum(-1)
-    return lanes, cost
+    sqrt_kept, dsp_price, lut_price, theta = sqrt_kept[:, None, :], dsp_price[:, None, :], lut_price[:, None, :], \
+        theta[:, :, None]
+    sqrt_price = np.sqrt(np.maximum(theta * dsp_price + (1.0 - theta) * lut_price, 1e-300))
+    raw = sqrt_kept / sqrt_price  # sqrt(kept / price) without overflow when the price is ~0
+    use = np.maximum((dsp_price * raw).sum(-1), (lut_price * raw).sum(-1))
+    return raw / use[..., None], use * (sqrt_kept * sqrt_price).sum(-1)
 
 
 def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
@@ -468,14 +465,15 @@ def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
     both budgets allow. One engine gets min(D / dsp_e, L / lut_e). lanes_e = max(1, floor(x_e))
     for engines with kept MACs, 0 for the others. Every plan (row) is sized independently.
     """
-    dsp_budget = np.maximum(dsp_budget, 1e-9)
-    lut_budget = np.maximum(lut_budget, 1e-9)
+    dsp_price = dsp_cost / np.maximum(dsp_budget, 1e-9)[:, None] * np.ones_like(kept)
+    lut_price = lut_cost / np.maximum(lut_budget, 1e-9)[:, None]
+    sqrt_kept = np.sqrt(kept)
     active = kept > 0
     uses_dsp = (active & (dsp_cost > 0)).any(-1)
     rows = np.arange(len(kept))
 
     def cost(theta: np.ndarray) -> np.ndarray:
-        return _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta)[1]
+        return _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta)[1]
 
     grid = np.linspace(0.0, 1.0, 17)
     best = cost(np.broadcast_to(grid, (len(kept), len(grid)))).argmin(1)
@@ -488,7 +486,7 @@ def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
         hi, lo = np.where(left, b, hi), np.where(left, lo, a)
     candidates = np.stack([lo, hi, grid[best]], axis=1)
     theta = np.where(uses_dsp, candidates[rows, cost(candidates).argmin(1)], 0.0)
-    lanes = _sqrt_lanes(kept, dsp_cost, lut_cost, dsp_budget, lut_budget, theta[:, None])[0][:, 0, :]
+    lanes = _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta[:, None])[0][:, 0, :]
     return np.where(active, np.maximum(1, np.floor(np.where(active, lanes, 0.0) * (1 + _LANE_GUARD))), 0).astype(int)
 
 
@@ -556,7 +554,7 @@ class _Core:
     step_s: np.ndarray
 
 
-def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, accel: Accelerator,
+def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, kept_row: np.ndarray, accel: Accelerator,
              has_attn: np.ndarray) -> _Engines:
     """Group rows into engines (engine class, N:M) and size their lanes from the device budgets."""
     c = constants()
@@ -566,18 +564,21 @@ def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, accel: Acc
     eng_of_kernel = np.array([KERNELS.index(kernels.engine_class(k, dev.dsp_kind, A)) for k in KERNELS])
     ecls = eng_of_kernel[batch.kernel]
     big = int(max(batch.m.max(), 1)) + 1
-    code = (ecls * big + batch.n) * big + batch.m
-    codes = np.unique(code[present])
+    code = (ecls * big + batch.n) * big + batch.m  # one integer per (engine class, N, M)
+    used = np.zeros(len(KERNELS) * big * big, dtype=bool)
+    used[code[present]] = True
     fp16_code = (_FP16 * big + 1) * big + 1
-    if has_attn.any() and fp16_code not in codes:
-        codes = np.sort(np.append(codes, fp16_code))
+    used[fp16_code] |= bool(has_attn.any())
+    codes = np.flatnonzero(used)
     E = len(codes)
-    of_row = np.where(present, np.searchsorted(codes, code), -1)
+    engine_of_code = np.full(len(used), -1)
+    engine_of_code[codes] = np.arange(E)
+    of_row = np.where(present, engine_of_code[code], -1)
     P = len(batch)
     flat = (np.arange(P)[:, None] * E + of_row)[present]
     kept = np.bincount(flat, weights=kept[present], minlength=P * E).reshape(P, E)
     fan_in = np.zeros(P * E)
-    np.maximum.at(fan_in, flat, kernels.kept_per_row(lay.in_f, batch.n, batch.m)[present])
+    np.maximum.at(fan_in, flat, kept_row[present])
     fan_in = fan_in.reshape(P, E)
     cls = [KERNELS[int(x) // (big * big)] for x in codes]
     n, m = codes // big % big, codes % big
@@ -585,7 +586,7 @@ def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, accel: Acc
     lut = np.stack([kernels.lane_lut(k, m[e], fan_in[:, e], dev.dsp_kind, A) * np.ones(P)
                     for e, k in enumerate(cls)], axis=1)
     ff = np.stack([kernels.lane_ff(k, lut[:, e]) for e, k in enumerate(cls)], axis=1)
-    fp16 = int(np.searchsorted(codes, fp16_code)) if fp16_code in codes else -1
+    fp16 = int(engine_of_code[fp16_code])
     if fp16 >= 0:
         fan_in[:, fp16] = np.maximum(fan_in[:, fp16], np.where(kept[:, fp16] > 0, 0, batch.workload.head_dim))
 
@@ -635,17 +636,23 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     # -- rows present, kept MACs, storage
     block_mlgru = batch.mlgru[:, np.maximum(lay.block, 0)]
     present = np.where(lay.kind == 0, True, np.where(lay.kind == 2, block_mlgru, ~block_mlgru))
-    kept_row = kernels.kept_per_row(lay.in_f, batch.n, batch.m)
-    kept = np.where(present, B * kept_row * lay.out_f, 0.0)
+    m_fails = lay.in_f % np.arange(1, int(batch.m.max()) + 1)[:, None] != 0  # [M, R]: M does not divide in_features
+    bad = m_fails[batch.m - 1, np.arange(len(lay.layers))] & present
+    if bad.any():
+        p, r = np.argwhere(bad)[0]
+        raise ValueError(f"layer {lay.layers[r].name}: M={batch.m[p, r]} does not divide in_features "
+                         f"{int(lay.in_f[r])} (plan {p} of the batch)")
     bits = np.array([16.0, 8, 6, 4, 3, 2, float(c["ternary"]["bits_per_weight"])])[batch.kernel]
-    kind = np.array(["none", "group", "group", "group", "group", "group", "tensor"])[batch.kernel]
-    total_bits = kernels.storage_bits_arrays(lay.in_f, lay.out_f, batch.n, batch.m, bits, batch.group, kind)[3]
+    scales = np.array([kernels.SCALES_NONE] + [kernels.SCALES_GROUP] * 5 + [kernels.SCALES_TENSOR])[batch.kernel]
+    *_, total_bits, kept_row = kernels.storage_bits_arrays(lay.in_f, lay.out_f, batch.n, batch.m, bits, batch.group,
+                                                           scales)
+    kept = np.where(present, B * kept_row * lay.out_f, 0.0)
     nbytes = np.where(present, np.ceil(total_bits / 8), 0.0)
     n_mlgru = batch.mlgru.sum(1)
     n_attn = w.num_layers - n_mlgru
     has_attn = n_attn > 0
 
-    eng = _engines(batch, present, kept, accel, has_attn)
+    eng = _engines(batch, present, kept, kept_row, accel, has_attn)
     lanes_row = np.take_along_axis(eng.lanes, np.maximum(eng.of_row, 0), axis=1)
     compute = np.where(present, kept / np.maximum(lanes_row, 1), 0.0)
     read = nbytes if streamed else np.zeros_like(nbytes)
@@ -779,7 +786,7 @@ def _report(core: _Core, batch: PlanBatch, accel: Accelerator) -> HwReport:
 
     def add_linear(r: int) -> None:
         layer = lay.layers[r]
-        add(LayerCost(layer.name, _layer_label(KERNELS[kernel[r]], n[r], m[r], group[r]), layer.block,
+        add(LayerCost(layer.name, _layer_label(KERNELS[kernel[r]], n[r], m[r], int(group[r])), layer.block,
                       macs=B * layer.in_features * layer.out_features, kept_macs=kept[r], weight_bytes=int(nbytes[r]),
                       memory_bytes=read[r], compute_cycles=compute[r]))
 
