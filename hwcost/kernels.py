@@ -127,7 +127,6 @@ def value_bits(fmt: WeightFormat) -> float:
     return float(fmt.bits)
 
 
-
 def index_bits_per_group(sparsity: Sparsity | None) -> int:
     """N:M index metadata bits per group of M weights: N * ceil(log2 M) (0 when dense)."""
     if sparsity is None:

@@ -98,8 +98,9 @@ The special-function unit's energy is not modelled in this version.
 
 Batches: :func:`estimate_batch` evaluates P plans of one workload at once. A :class:`PlanBatch`
 holds each plan as arrays over the workload's :class:`Layout` rows (kernel class, N, M, group
-size) and blocks (MLGRU or attention); every formula above runs on [P, rows] and [P, engines]
-arrays, lane sizing included. :func:`estimate` is the same core on a batch of one, plus the
+size) and blocks (MLGRU or attention). The core picks each plan's rows into layout slots (a
+block's mixer slots hold its attention or its MLGRU projections) and runs every formula above on
+[P, slots] and [P, engines] arrays, lane sizing included. :func:`estimate` is the same core on a batch of one, plus the
 per-row and per-engine tables of :class:`HwReport`.
 """
 
@@ -148,6 +149,9 @@ class Layout:
     ``block``, 2 an MLGRU projection of ``block`` (present when that block's mixer is an MLGRU).
     ``inherit``: for a substituted MLGRU projection, the row of the attention layer whose plan it
     takes when the plan does not name it; -1 otherwise.
+    ``slot_attention``, ``slot_mlgru``, ``slot_block``: the rows one plan can have, in model order: a
+    slot is one row outside the mixers, or the j-th projection of block ``slot_block``'s mixer, the
+    attention row or the MLGRU row by that block's mixer (``len(layers)``: no such projection).
     """
 
     layers: tuple[LinearLayer, ...]
@@ -159,6 +163,9 @@ class Layout:
     row: dict[str, int]
     lm_head: int
     has_attention: bool
+    slot_attention: np.ndarray
+    slot_mlgru: np.ndarray
+    slot_block: np.ndarray
 
 
 @lru_cache(maxsize=64)
@@ -183,11 +190,27 @@ def layout(workload: Workload) -> Layout:
     row = {layer.name: r for r, layer in enumerate(layers)}
     inherit = [row[workload.mlgru_counterpart(layer.name)] if k == 2 and has_attention else -1
                for layer, k in zip(layers, kind)]
+    none = len(layers)
+    slots: list[tuple[int, int, int]] = []  # (attention row, MLGRU row, block)
+    r = 0
+    while r < len(layers):
+        block = layers[r].block
+        if kind[r] == 0:
+            slots.append((r, r, 0))
+            r += 1
+            continue
+        attn = [q for q in range(r, len(layers)) if kind[q] == 1 and layers[q].block == block]
+        mlgru = [q for q in range(r, len(layers)) if kind[q] == 2 and layers[q].block == block]
+        for j in range(max(len(attn), len(mlgru))):
+            slots.append((attn[j] if j < len(attn) else none, mlgru[j] if j < len(mlgru) else none, block))
+        r += len(attn) + len(mlgru)
+    slot_attention, slot_mlgru, slot_block = (np.array(x) for x in zip(*slots))
     return Layout(layers=tuple(layers), in_f=np.array([x.in_features for x in layers], dtype=float),
                   out_f=np.array([x.out_features for x in layers], dtype=float),
                   block=np.array([-1 if x.block is None else x.block for x in layers]),
                   kind=np.array(kind), inherit=np.array(inherit), row=row, lm_head=row["lm_head"],
-                  has_attention=has_attention)
+                  has_attention=has_attention, slot_attention=slot_attention, slot_mlgru=slot_mlgru,
+                  slot_block=slot_block)
 
 
 @dataclass
@@ -508,7 +531,7 @@ class _Engines:
     cls: list[str]
     n: np.ndarray
     m: np.ndarray
-    of_row: np.ndarray          # [P, R] engine of each row (-1: row not present)
+    of_row: np.ndarray          # [P, S] engine of each slot (-1: no row in it)
     kept: np.ndarray            # [P, E] MACs per decode step (attention included after sizing)
     fan_in: np.ndarray          # [P, E] widest kept row
     macs_per_dsp: np.ndarray    # [E]
@@ -526,11 +549,12 @@ class _Engines:
 class _Core:
     """Everything :func:`estimate` and :func:`estimate_batch` report, as arrays over the batch."""
 
-    present: np.ndarray         # [P, R] row present (its block's mixer uses it)
-    kept: np.ndarray            # [P, R] kept MACs per decode step (batch B)
-    nbytes: np.ndarray          # [P, R] stored bytes
-    compute: np.ndarray         # [P, R] cycles
-    memory_bytes: np.ndarray    # [P, R]
+    rows: np.ndarray            # [P, S] the layout row in each slot (len(layout.layers): none)
+    present: np.ndarray         # [P, S] the slot holds a row
+    kept: np.ndarray            # [P, S] kept MACs per decode step (batch B)
+    nbytes: np.ndarray          # [P, S] stored bytes
+    compute: np.ndarray         # [P, S] cycles
+    memory_bytes: np.ndarray    # [P, S]
     engines: _Engines
     attention_row: tuple        # (macs, kv_bytes, compute cycles) of one attention block, per plan [P]
     mlgru_cycles: float         # one MLGRU recurrence row
@@ -554,17 +578,16 @@ class _Core:
     step_s: np.ndarray
 
 
-def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, kept_row: np.ndarray, accel: Accelerator,
-             has_attn: np.ndarray) -> _Engines:
-    """Group rows into engines (engine class, N:M) and size their lanes from the device budgets."""
+def _engines(batch: PlanBatch, kernel: np.ndarray, n: np.ndarray, m: np.ndarray, present: np.ndarray,
+             kept: np.ndarray, kept_row: np.ndarray, accel: Accelerator, has_attn: np.ndarray) -> _Engines:
+    """Group the rows of each plan ([P, S] arrays) into engines (engine class, N:M) and size their lanes."""
     c = constants()
     dev = accel.dev
     A = accel.act_bits
-    lay = layout(batch.workload)
     eng_of_kernel = np.array([KERNELS.index(kernels.engine_class(k, dev.dsp_kind, A)) for k in KERNELS])
-    ecls = eng_of_kernel[batch.kernel]
-    big = int(max(batch.m.max(), 1)) + 1
-    code = (ecls * big + batch.n) * big + batch.m  # one integer per (engine class, N, M)
+    ecls = eng_of_kernel[kernel]
+    big = int(max(m.max(), 1)) + 1
+    code = (ecls * big + n) * big + m  # one integer per (engine class, N, M)
     used = np.zeros(len(KERNELS) * big * big, dtype=bool)
     used[code[present]] = True
     fp16_code = (_FP16 * big + 1) * big + 1
@@ -581,7 +604,7 @@ def _engines(batch: PlanBatch, present: np.ndarray, kept: np.ndarray, kept_row: 
     np.maximum.at(fan_in, flat, kept_row[present])
     fan_in = fan_in.reshape(P, E)
     cls = [KERNELS[int(x) // (big * big)] for x in codes]
-    n, m = codes // big % big, codes % big
+    n, m = codes // big % big, codes % big  # per engine from here on
     mpd = np.array([kernels.macs_per_dsp(k, dev.dsp_kind, A) for k in cls])
     lut = np.stack([kernels.lane_lut(k, m[e], fan_in[:, e], dev.dsp_kind, A) * np.ones(P)
                     for e, k in enumerate(cls)], axis=1)
@@ -633,28 +656,32 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     sfu_lanes = float(sfu["lanes"])
     nP = len(batch)
 
-    # -- rows present, kept MACs, storage
-    block_mlgru = batch.mlgru[:, np.maximum(lay.block, 0)]
-    present = np.where(lay.kind == 0, True, np.where(lay.kind == 2, block_mlgru, ~block_mlgru))
-    m_fails = lay.in_f % np.arange(1, int(batch.m.max()) + 1)[:, None] != 0  # [M, R]: M does not divide in_features
-    bad = m_fails[batch.m - 1, np.arange(len(lay.layers))] & present
+    # -- the rows of each plan (one per layout slot: the mixer's by its block's mixer), their choices
+    R = len(lay.layers)
+    rows = np.where(batch.mlgru[:, lay.slot_block], lay.slot_mlgru, lay.slot_attention)  # [P, S]; R: no row
+    present = rows < R
+    rows_c = np.minimum(rows, R - 1)
+    kernel, n, m, group = (np.take_along_axis(a, rows_c, 1) for a in (batch.kernel, batch.n, batch.m, batch.group))
+    in_f, out_f = (np.append(x, 0.0)[rows] for x in (lay.in_f, lay.out_f))
+    m_fails = lay.in_f % np.arange(1, int(m.max()) + 1)[:, None] != 0  # [M, R]: M does not divide in_features
+    bad = m_fails[m - 1, rows_c] & present
     if bad.any():
         p, r = np.argwhere(bad)[0]
-        raise ValueError(f"layer {lay.layers[r].name}: M={batch.m[p, r]} does not divide in_features "
-                         f"{int(lay.in_f[r])} (plan {p} of the batch)")
-    bits = np.array([16.0, 8, 6, 4, 3, 2, float(c["ternary"]["bits_per_weight"])])[batch.kernel]
-    scales = np.array([kernels.SCALES_NONE] + [kernels.SCALES_GROUP] * 5 + [kernels.SCALES_TENSOR])[batch.kernel]
-    *_, total_bits, kept_row = kernels.storage_bits_arrays(lay.in_f, lay.out_f, batch.n, batch.m, bits, batch.group,
-                                                           scales)
-    kept = np.where(present, B * kept_row * lay.out_f, 0.0)
+        raise ValueError(f"layer {lay.layers[rows[p, r]].name}: M={m[p, r]} does not divide in_features "
+                         f"{int(in_f[p, r])} (plan {p} of the batch)")
+    # -- kept MACs and storage
+    bits = np.array([16.0, 8, 6, 4, 3, 2, float(c["ternary"]["bits_per_weight"])])[kernel]
+    scales = np.array([kernels.SCALES_NONE] + [kernels.SCALES_GROUP] * 5 + [kernels.SCALES_TENSOR])[kernel]
+    *_, total_bits, kept_row = kernels.storage_bits_arrays(in_f, out_f, n, m, bits, group, scales)
+    kept = B * kept_row * out_f
     nbytes = np.where(present, np.ceil(total_bits / 8), 0.0)
     n_mlgru = batch.mlgru.sum(1)
     n_attn = w.num_layers - n_mlgru
     has_attn = n_attn > 0
 
-    eng = _engines(batch, present, kept, kept_row, accel, has_attn)
+    eng = _engines(batch, kernel, n, m, present, kept, kept_row, accel, has_attn)
     lanes_row = np.take_along_axis(eng.lanes, np.maximum(eng.of_row, 0), axis=1)
-    compute = np.where(present, kept / np.maximum(lanes_row, 1), 0.0)
+    compute = kept / np.maximum(lanes_row, 1)  # 0 in empty slots (no kept MACs)
     read = nbytes if streamed else np.zeros_like(nbytes)
     rows_cycles = np.maximum(compute, read / bpc).sum(1)
     prefill = np.maximum(P * compute, read / bpc).sum(1)
@@ -662,7 +689,7 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     # -- weight bytes
     lm = lay.lm_head
     lm_shares = np.full(nP, w.tied_embeddings) & (batch.kernel[:, lm] == _FP16) & (batch.m[:, lm] == 1)
-    lm_bytes = nbytes[:, lm]
+    lm_bytes = nbytes[:, int(np.flatnonzero(lay.slot_attention == lm)[0])]
     embed_bytes = w.embedding_params() * 2
     breakdown = {"linear": nbytes.sum(1) - lm_bytes, "lm_head": np.where(lm_shares, 0.0, lm_bytes),
                  "embedding": np.full(nP, float(embed_bytes))}
@@ -688,7 +715,7 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     step_s = step_cycles / clock_hz
 
     # -- resources
-    max_in = np.where(present, lay.in_f, 0).max(1)
+    max_in = in_f.max(1)
     buffer_bits = 2 * B * max_in * act_bytes * 8 + B * n_mlgru * w.hidden * act_bytes * 8
     infra = c["infrastructure"]
     used = {"lut": eng.lut.sum(1) + infra["lut"] + sfu["lut"], "ff": eng.ff.sum(1) + infra["ff"] + sfu["ff"],
@@ -717,14 +744,14 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     overhead = float(c["fpga_overhead"])
     sram_pj_per_byte = c["energy_pj_45nm"]["sram_read32"] / 4.0
     pj = np.array([kernels.pj_per_mac(k, accel.act_bits) for k in KERNELS])
-    compute_pj = (kept * pj[batch.kernel]).sum(1) + attn_macs * n_attn * pj[_FP16]
+    compute_pj = (kept * pj[kernel]).sum(1) + attn_macs * n_attn * pj[_FP16]
     offchip_bytes = embedding_bytes + read.sum(1) + n_attn * kv_read
-    act_traffic = np.where(present, B * (lay.in_f + lay.out_f) * act_bytes, 0.0).sum(1)
+    act_traffic = (B * act_bytes * (in_f + out_f)).sum(1)
     energy = {"static": dev.static_w * step_s, "compute": compute_pj * overhead * 1e-12,
               "offchip": offchip_bytes * 8 * c["offchip_pj_per_bit"][mem.kind] * 1e-12,
               "onchip": (resident + act_traffic) * sram_pj_per_byte * overhead * 1e-12}
 
-    return _Core(present=present, kept=kept, nbytes=nbytes, compute=compute, memory_bytes=read, engines=eng,
+    return _Core(rows=rows, present=present, kept=kept, nbytes=nbytes, compute=compute, memory_bytes=read, engines=eng,
                  attention_row=(attn_macs, kv_read, attn_compute), mlgru_cycles=mlgru_cycles,
                  embedding_bytes=embedding_bytes, n_attention=n_attn, n_mlgru=n_mlgru, step_cycles=step_cycles,
                  prefill_cycles=prefill_cycles, bytes_per_cycle=bpc, used=used, available=avail, caps=caps,
@@ -784,39 +811,30 @@ def _report(core: _Core, batch: PlanBatch, accel: Accelerator) -> HwReport:
     kernel, n, m, group = (x[0].tolist() for x in (batch.kernel, batch.n, batch.m, batch.group))
     kept, nbytes, read, compute = (x[0].tolist() for x in (core.kept, core.nbytes, core.memory_bytes, core.compute))
 
-    def add_linear(r: int) -> None:
+    def add_linear(s: int, r: int) -> None:
         layer = lay.layers[r]
         add(LayerCost(layer.name, _layer_label(KERNELS[kernel[r]], n[r], m[r], int(group[r])), layer.block,
-                      macs=B * layer.in_features * layer.out_features, kept_macs=kept[r], weight_bytes=int(nbytes[r]),
-                      memory_bytes=read[r], compute_cycles=compute[r]))
+                      macs=B * layer.in_features * layer.out_features, kept_macs=kept[s], weight_bytes=int(nbytes[s]),
+                      memory_bytes=read[s], compute_cycles=compute[s]))
 
     attn_macs, kv_read, attn_compute = core.attention_row
     add(LayerCost(w.embedding_name, "embedding fp16", None, memory_bytes=core.embedding_bytes))
-    present = np.flatnonzero(core.present[0]).tolist()
-    blocks: list[list[int]] = [[] for _ in range(w.num_layers)]
-    before, after = [], []
-    for r in present:  # OPT project_in before the blocks; project_out and lm_head after them
-        layer = lay.layers[r]
-        (blocks[layer.block] if layer.block is not None else (after if any(blocks) else before)).append(r)
-    for r in before:
-        add_linear(r)
-    for i, block_rows in enumerate(blocks):
-        for r in block_rows:
-            if lay.kind[r] != 0:
-                add_linear(r)
-        if batch.mlgru[0, i]:
-            add(LayerCost(f"{w.block_prefix}.{i}.mlgru", "mlgru", i, compute_cycles=float(core.mlgru_cycles)))
+    slots = [(s, r) for s, r in enumerate(core.rows[0].tolist()) if r < len(lay.layers)]
+    for k, (s, r) in enumerate(slots):
+        add_linear(s, r)
+        block = lay.layers[r].block
+        last_of_mixer = lay.kind[r] != 0 and (k + 1 == len(slots) or lay.kind[slots[k + 1][1]] == 0)
+        if not last_of_mixer:
+            continue
+        if batch.mlgru[0, block]:  # the token mixer's own row after its projections
+            add(LayerCost(f"{w.block_prefix}.{block}.mlgru", "mlgru", block, compute_cycles=float(core.mlgru_cycles)))
         else:
-            add(LayerCost(w.attention_name.format(i=i), "attention fp16", i, macs=attn_macs, kept_macs=attn_macs,
-                          kv_bytes=int(kv_read), memory_bytes=kv_read, compute_cycles=float(attn_compute[0])))
-        for r in block_rows:
-            if lay.kind[r] == 0:
-                add_linear(r)
-    for r in after:
-        add_linear(r)
+            add(LayerCost(w.attention_name.format(i=block), "attention fp16", block, macs=attn_macs,
+                          kept_macs=attn_macs, kv_bytes=int(kv_read), memory_bytes=kv_read,
+                          compute_cycles=float(attn_compute[0])))
 
     engines: list[EngineCost] = []
-    order = list(dict.fromkeys(int(eng.of_row[0, r]) for r in present))
+    order = list(dict.fromkeys(int(eng.of_row[0, s]) for s, _ in slots))
     if eng.fp16 >= 0 and core.n_attention[0] > 0 and eng.fp16 not in order:
         order.append(eng.fp16)
     for e in order:
