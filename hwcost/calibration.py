@@ -41,11 +41,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
-import yaml
-
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
 from hwcost.accelerator import Accelerator
-from hwcost.devices import DATA_DIR, constants, get_device
+from hwcost.devices import constants, get_device, load_data_yaml
 from hwcost.kernels import storage_bits
 from hwcost.model import HwReport, estimate
 from hwcost.workload import Workload
@@ -91,20 +89,14 @@ class Design:
 
 
 # ---------------------------------------------------------------------------- files
-@lru_cache(maxsize=None)
-def _load(name: str) -> dict:
-    with open(DATA_DIR / name, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
-
-
 def published() -> dict:
     """``data/published_fpga.yaml`` (cached; do not mutate)."""
-    return _load(PUBLISHED_FILE)
+    return load_data_yaml(PUBLISHED_FILE)
 
 
 def calibration_spec() -> dict:
     """``data/calibration.yaml`` (cached; do not mutate)."""
-    return _load(CALIBRATION_FILE)
+    return load_data_yaml(CALIBRATION_FILE)
 
 
 def design_ids() -> list[str]:

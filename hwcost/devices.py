@@ -32,14 +32,15 @@ MEMORY_KINDS = ("hbm2", "ddr4")
 
 
 @lru_cache(maxsize=None)
-def _load_yaml(name: str) -> dict:
+def load_data_yaml(name: str) -> dict:
+    """A file of ``hwcost/data`` parsed (cached; do not mutate)."""
     with open(DATA_DIR / name, encoding="utf-8") as fh:
         return yaml.safe_load(fh)
 
 
 def constants() -> dict:
     """The model constants of ``hwcost/data/constants.yaml`` (cached; do not mutate)."""
-    return _load_yaml("constants.yaml")
+    return load_data_yaml("constants.yaml")
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _device_from_yaml(name: str, d: dict) -> Device:
 
 @lru_cache(maxsize=None)
 def _catalog() -> dict[str, Device]:
-    raw = _load_yaml("devices.yaml")["devices"]
+    raw = load_data_yaml("devices.yaml")["devices"]
     return {name: _device_from_yaml(name, d) for name, d in raw.items()}
 
 

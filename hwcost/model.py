@@ -173,37 +173,30 @@ def layout(workload: Workload) -> Layout:
     """The :class:`Layout` of ``workload`` (cached)."""
     layers: list[LinearLayer] = []
     kind: list[int] = []
+    slots: list[tuple[int, int, int]] = []  # (attention row, MLGRU row, block); -1: no such projection
     has_attention = workload.token_mixer == "attention"
 
-    def extend(items: list[LinearLayer], k: int) -> None:
+    def extend(items: list[LinearLayer], k: int) -> list[int]:
+        rows = list(range(len(layers), len(layers) + len(items)))
         layers.extend(items)
         kind.extend([k] * len(items))
+        if k == 0:
+            slots.extend((r, r, 0) for r in rows)
+        return rows
 
     extend(workload.pre_block_layers(), 0)
     for i in range(workload.num_layers):
-        if has_attention:
-            extend(workload.attention_layers(i), 1)
-        extend(workload.mlgru_layers(i), 2)
+        attn = extend(workload.attention_layers(i), 1) if has_attention else []
+        mlgru = extend(workload.mlgru_layers(i), 2)
+        slots.extend((attn[j] if j < len(attn) else -1, mlgru[j] if j < len(mlgru) else -1, i)
+                     for j in range(max(len(attn), len(mlgru))))
         extend(workload.mlp_layers(i), 0)
     extend(workload.post_block_layers(), 0)
     extend([workload.lm_head()], 0)
     row = {layer.name: r for r, layer in enumerate(layers)}
     inherit = [row[workload.mlgru_counterpart(layer.name)] if k == 2 and has_attention else -1
                for layer, k in zip(layers, kind)]
-    none = len(layers)
-    slots: list[tuple[int, int, int]] = []  # (attention row, MLGRU row, block)
-    r = 0
-    while r < len(layers):
-        block = layers[r].block
-        if kind[r] == 0:
-            slots.append((r, r, 0))
-            r += 1
-            continue
-        attn = [q for q in range(r, len(layers)) if kind[q] == 1 and layers[q].block == block]
-        mlgru = [q for q in range(r, len(layers)) if kind[q] == 2 and layers[q].block == block]
-        for j in range(max(len(attn), len(mlgru))):
-            slots.append((attn[j] if j < len(attn) else none, mlgru[j] if j < len(mlgru) else none, block))
-        r += len(attn) + len(mlgru)
+    slots = [tuple(len(layers) if r < 0 else r for r in slot[:2]) + slot[2:] for slot in slots]
     slot_attention, slot_mlgru, slot_block = (np.array(x) for x in zip(*slots))
     return Layout(layers=tuple(layers), in_f=np.array([x.in_features for x in layers], dtype=float),
                   out_f=np.array([x.out_features for x in layers], dtype=float),
@@ -280,16 +273,10 @@ def _layer_codes(sparsity: Sparsity | None, fmt: WeightFormat) -> tuple[int, int
     return KERNELS.index(kernels.kernel_class(fmt)), n, m, fmt.group_size
 
 
-@lru_cache(maxsize=64)
-def _layer_names(workload: Workload) -> frozenset[str]:
-    return frozenset(workload.layer_names())
-
-
 def _check_plan(plan: ModelPlan, workload: Workload) -> None:
-    names = _layer_names(workload)
     lay = layout(workload)
     for lp in plan.layers:
-        if lp.name not in names:
+        if lp.name not in lay.row:
             example = workload.linear_layers()[0].name
             raise ValueError(f"plan layer '{lp.name}' is not a linear layer of the workload "
                              f"(e.g. '{example}', 'lm_head')")
@@ -604,9 +591,9 @@ def _engines(batch: PlanBatch, kernel: np.ndarray, n: np.ndarray, m: np.ndarray,
     np.maximum.at(fan_in, flat, kept_row[present])
     fan_in = fan_in.reshape(P, E)
     cls = [KERNELS[int(x) // (big * big)] for x in codes]
-    n, m = codes // big % big, codes % big  # per engine from here on
+    eng_n, eng_m = codes // big % big, codes % big
     mpd = np.array([kernels.macs_per_dsp(k, dev.dsp_kind, A) for k in cls])
-    lut = np.stack([kernels.lane_lut(k, m[e], fan_in[:, e], dev.dsp_kind, A) * np.ones(P)
+    lut = np.stack([kernels.lane_lut(k, eng_m[e], fan_in[:, e], dev.dsp_kind, A) * np.ones(P)
                     for e, k in enumerate(cls)], axis=1)
     ff = np.stack([kernels.lane_ff(k, lut[:, e]) for e, k in enumerate(cls)], axis=1)
     fp16 = int(engine_of_code[fp16_code])
@@ -628,7 +615,7 @@ def _engines(batch: PlanBatch, kernel: np.ndarray, n: np.ndarray, m: np.ndarray,
     lanes = size_lanes(kept, dsp_cost[None, :], lut, dsp_budget, lut_budget)
     if fp16 >= 0:
         lanes[:, fp16] += att
-    e = _Engines(cls=cls, n=n, m=m, of_row=of_row, kept=kept, fan_in=fan_in, macs_per_dsp=mpd,
+    e = _Engines(cls=cls, n=eng_n, m=eng_m, of_row=of_row, kept=kept, fan_in=fan_in, macs_per_dsp=mpd,
                  lut_per_lane=lut, ff_per_lane=ff, lanes=lanes, attention=att, fp16=fp16)
     e.dsp = np.where(mpd > 0, np.ceil(lanes / np.where(mpd > 0, mpd, 1.0)), 0).astype(int)
     e.lut = np.ceil(lanes * lut).astype(int)
