@@ -4,6 +4,8 @@
     dse status STUDY          trial counts by state and the Pareto table
     dse export STUDY --out D  write plan.yaml, hw_report.json, evaluation.json, summary.txt of a trial
     dse dashboard             serve the Streamlit Pareto dashboard (reads the storage only)
+    dse sensitivity SPEC      proxy loss of compressing one unit at a time, every allowed choice (cached)
+    dse evaluate SPEC --plan  compress the model as a plan file says and report proxy and/or lm-eval scores
     dse hwcost ...            the FPGA cost model alone: devices, estimate, calibrate, test (hwcost/cli.py)
 
 A user's mistake (bad spec field, unknown study, missing model) prints one line
@@ -100,6 +102,105 @@ def cmd_dashboard(args) -> int:
     return subprocess.call(command)
 
 
+def cmd_sensitivity(args) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from dse.spec import load_spec
+    from dse.study import prepare
+    from evaluators.fidelity import ProxySet
+    from evaluators.models import load_model
+    from evaluators.sensitivity import scan, write_plot
+
+    spec = load_spec(args.spec)
+    windows = _positive(args.windows, "--windows") or spec.proxy.windows
+    seq_len = _positive(args.seq_len, "--seq-len") or spec.proxy.seq_len
+    out = Path(args.out or f"sensitivity-{spec.study}")
+    setup = prepare(spec)
+    model, tokenizer = load_model(spec.model)
+    _threads(args.threads)
+    proxy = ProxySet.build(tokenizer, windows, seq_len)
+    bar = tqdm(desc="sensitivity", unit="choice", disable=args.no_progress)
+
+    def progress(done: int, total: int, row: dict) -> None:
+        bar.total = total
+        bar.set_postfix_str(f"{row['unit']} {row['choice']} KL {row['kl']:.4f}", refresh=False)
+        bar.update(1)
+
+    rows = scan(spec, setup.units, model, tokenizer, proxy, progress, say=lambda m: bar.write(m, file=sys.stderr))
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity.json").write_text(json.dumps({"study": spec.study, "model": spec.model,
+                                                      "proxy_tokens": proxy.predicted_tokens, "rows": rows},
+                                                     indent=1))
+    write_plot(rows, out / "sensitivity.html", f"{spec.study}: proxy KL of compressing one unit")
+    worst = sorted(rows, key=lambda r: -r["kl"])[: args.top]
+    print(f"{len(rows)} unit x choice measurements ({sum(r['source'] == 'cache' for r in rows)} from the cache) "
+          f"on {proxy.predicted_tokens} proxy tokens; most sensitive:")
+    for r in worst:
+        print(f"  {r['unit']:<24} {r['choice']:<26} KL {r['kl']:.4f}  ppl {r['ppl']:.2f}")
+    print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.html'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from dse.spec import load_spec
+    from dse.study import prepare
+    from dse.workers import accuracy_of
+    from evaluators.compress import PlanApplier, PlanApplyError
+    from evaluators.fidelity import ProxySet, dense_reference, full_eval, proxy_eval
+    from evaluators.lm import TorchLM
+    from evaluators.models import load_model
+    from evaluators.tasks import task_manager
+    from hwcost.cli import check_nm_divides, load_plan
+
+    spec = load_spec(args.spec)
+    setup = prepare(spec)
+    plan = load_plan(args.plan, setup.workload)
+    check_nm_divides(plan, setup.workload, "--plan")
+    model, tokenizer = load_model(spec.model)
+    _threads(args.threads)
+    applier = PlanApplier(model, tokenizer, spec.compression, progress=_say)
+    out: dict = {"plan": args.plan}
+    if args.fidelity in ("proxy", "both"):
+        proxy = ProxySet.build(tokenizer, spec.proxy.windows, spec.proxy.seq_len)
+        reference = dense_reference(model, proxy, applier.cache)
+    try:
+        applied = applier.apply(plan)
+    except PlanApplyError as err:
+        raise UserError(f"--plan: {err}") from None
+    out["compression"] = applied.summary()
+    if args.fidelity in ("proxy", "both"):
+        out["proxy"] = proxy_eval(model, proxy, reference).to_dict()
+    if args.fidelity in ("full", "both"):
+        lm = TorchLM(model, tokenizer, batch_size=spec.batch_size, disable_tqdm=True)
+        result = full_eval(lm, spec.tasks, task_manager(spec.task_seed))
+        out["full"] = result.to_dict() | {"accuracy": accuracy_of(result.metrics, spec.tasks)}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _say(message: str) -> None:
+    """Progress of long compression steps (calibration passes, MLGRU distillation), on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _positive(value, flag: str):
+    if value is not None and value < 1:
+        raise UserError(f"{flag}: {value} is not a positive integer")
+    return value
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(_positive(threads, "--threads"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dse", description="Hardware-aware LLM compression search")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -132,6 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("sensitivity", help="proxy loss of compressing one unit at a time (cached)",
+                       description="For every unit of SPEC's search space and every choice its group allows, "
+                                   "compress that unit alone and measure the proxy (KL, perplexity).")
+    p.add_argument("spec", help="study spec YAML")
+    p.add_argument("--out", help="output directory (default sensitivity-<study>)")
+    p.add_argument("--windows", type=int, help="proxy windows (default: the spec's proxy.windows)")
+    p.add_argument("--seq-len", type=int, help="proxy tokens per window (default: the spec's proxy.seq_len)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--top", type=int, default=10, help="most sensitive rows to print")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("evaluate", help="compress the spec's model as a plan says and score it",
+                       description="Apply PLAN (a 'dse export' plan.yaml or a ModelPlan mapping) to SPEC's model "
+                                   "and print the proxy and/or lm-eval results as JSON.")
+    p.add_argument("spec", help="study spec YAML (model, tasks, compression and proxy settings)")
+    p.add_argument("--plan", required=True, help="plan YAML")
+    p.add_argument("--fidelity", choices=("proxy", "full", "both"), default="proxy")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.set_defaults(func=cmd_evaluate)
 
     from hwcost.cli import add_hwcost_parser
 

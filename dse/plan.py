@@ -10,9 +10,10 @@ Terms
 * ``Sparsity``: N:M structured sparsity, N weights kept out of every M
   consecutive weights along the input dimension (0 < N < M); ``None`` is dense.
 * ``WeightFormat``: ``"16"`` (FP16, the unquantised baseline), an integer grid
-  of 8, 6, 4, 3 or 2 bits with a quantisation ``group_size`` (weights per scale
-  along the input dimension), or ``"ternary"`` ({-1, 0, +1} times one per-tensor
-  scale, BitNet / MatMul-free style).
+  of 8 down to 2 bits with a quantisation ``group_size`` (weights per scale
+  along the input dimension, symmetric (default) or asymmetric (a zero point per
+  group), or ``"ternary"`` ({-1, 0, +1} times one per-tensor scale, BitNet /
+  MatMul-free style).
 * ``LayerPlan``: one linear layer, named by its module path in the model.
 * ``BlockPlan``: one transformer block's token mixer, ``attention`` or ``mlgru``.
 * ``ModelPlan``: all layer and block plans; layers it does not name stay FP16
@@ -27,11 +28,13 @@ from dataclasses import dataclass, field
 
 PLAN_VERSION = 1
 
-WEIGHT_BITS = (16, 8, 6, 4, 3, 2)
+WEIGHT_BITS = (16, 8, 7, 6, 5, 4, 3, 2)
 FORMAT_NAMES = tuple(str(b) for b in WEIGHT_BITS) + ("ternary",)
 MIXERS = ("attention", "mlgru")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "gptq", "refit")
+"""``rtn`` round-to-nearest (ternary: BitLinear absmean), ``gptq`` error-compensated rounding with the layer
+Hessian, ``refit`` (ternary only) absmean codes with per-channel scales refitted by least squares."""
 SCALE_BITS = 16
 """Bits of each stored quantisation scale (FP16)."""
 
@@ -81,16 +84,24 @@ class WeightFormat:
     ``name`` is one of :data:`FORMAT_NAMES`. ``group_size`` is the number of
     consecutive input weights sharing one FP16 scale for the integer formats
     (ignored for ``"16"`` and ``"ternary"``, which has one per-tensor scale).
+    ``symmetric``: integer grid centred on zero (GPTQ's symmetric quantiser);
+    ``False`` adds a zero point per group (asymmetric). Ignored for ``"16"``
+    and ``"ternary"``.
     """
 
     name: str = "16"
     group_size: int = 128
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in FORMAT_NAMES:
             raise PlanError(f"'{self.name}' is not a weight format; allowed: {', '.join(FORMAT_NAMES)}")
         if not isinstance(self.group_size, int) or self.group_size <= 0:
             raise PlanError(f"group_size {self.group_size!r} is not a positive integer")
+        if not isinstance(self.symmetric, bool):
+            raise PlanError(f"symmetric {self.symmetric!r} is not true or false")
+        if self.is_float or self.is_ternary:
+            object.__setattr__(self, "symmetric", True)  # no integer grid: one canonical value
 
     @property
     def is_float(self) -> bool:
@@ -115,15 +126,15 @@ class WeightFormat:
     def __str__(self) -> str:
         if self.is_float or self.is_ternary:
             return "fp16" if self.is_float else "ternary"
-        return f"int{self.name}/g{self.group_size}"
+        return f"int{self.name}/g{self.group_size}" + ("" if self.symmetric else "/asym")
 
     @staticmethod
-    def parse(value: object, group_size: int = 128) -> "WeightFormat":
+    def parse(value: object, group_size: int = 128, symmetric: bool = True) -> "WeightFormat":
         """``16``, ``'4'``, ``'int4'`` or ``'ternary'`` -> ``WeightFormat``."""
         text = str(value).strip().lower().removeprefix("int")
         if text in ("fp16", "bf16"):
             text = "16"
-        return WeightFormat(text, group_size)
+        return WeightFormat(text, group_size, symmetric)
 
 
 FP16 = WeightFormat("16")
@@ -144,6 +155,8 @@ class LayerPlan:
             raise PlanError(f"prune method '{self.prune}'; allowed: {', '.join(PRUNE_METHODS)}")
         if self.quant not in QUANT_METHODS:
             raise PlanError(f"quant method '{self.quant}'; allowed: {', '.join(QUANT_METHODS)}")
+        if self.quant == "refit" and not self.fmt.is_ternary:
+            raise PlanError(f"layer {self.name}: quant method 'refit' needs format ternary, not {self.fmt.name}")
 
     @property
     def is_identity(self) -> bool:
@@ -161,19 +174,30 @@ class LayerPlan:
             "sparsity": sparsity_name(self.sparsity),
             "format": self.fmt.name,
             "group_size": self.fmt.group_size,
+            "symmetric": self.fmt.symmetric,
             "prune": self.prune,
             "quant": self.quant,
         }
 
     @staticmethod
     def from_dict(d: dict) -> "LayerPlan":
-        return LayerPlan(
-            name=d["name"],
-            sparsity=Sparsity.parse(d.get("sparsity")),
-            fmt=WeightFormat.parse(d.get("format", "16"), int(d.get("group_size", 128))),
-            prune=d.get("prune", "magnitude"),
-            quant=d.get("quant", "rtn"),
-        )
+        """From :meth:`to_dict`'s form; a bad value raises :class:`PlanError` naming its field."""
+        def field_of(name: str, build):
+            try:
+                return build()
+            except PlanError as err:
+                raise PlanError(f"{name}: {err}") from None
+            except (TypeError, ValueError):
+                raise PlanError(f"{name}: {d.get(name)!r} is not valid") from None
+
+        sparsity = field_of("sparsity", lambda: Sparsity.parse(d.get("sparsity")))
+        group = field_of("group_size", lambda: int(d.get("group_size", 128)))
+        symmetric = d.get("symmetric", True)
+        if not isinstance(symmetric, bool):
+            raise PlanError(f"symmetric: {symmetric!r} is not true or false")
+        fmt = field_of("format", lambda: WeightFormat.parse(d.get("format", "16"), group, symmetric))
+        return LayerPlan(name=d["name"], sparsity=sparsity, fmt=fmt, prune=d.get("prune", "magnitude"),
+                         quant=d.get("quant", "rtn"))
 
 
 @dataclass(frozen=True)

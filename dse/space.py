@@ -3,9 +3,11 @@
 Each group's regex picks layers by module name (full match). A *unit* is what
 shares one choice: a single layer (``tie: layer``), a group within one block
 (``tie: block``, e.g. all MLP projections of block 7), or a whole group
-(``tie: group``). Each unit has up to two categorical parameters,
-``<unit>.sparsity`` and ``<unit>.format``, suggested only when the group
-allows more than one value.
+(``tie: group``). Each unit has up to four categorical parameters,
+``<unit>.sparsity``, ``<unit>.format``, ``<unit>.prune`` and ``<unit>.quant``,
+suggested only when the group allows more than one value. Each block listed
+in ``space.mlgru_blocks`` has a parameter ``b<i>.mixer`` (attention or mlgru);
+an MLGRU's projections inherit the plan of their attention counterparts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dse.plan import LayerPlan, ModelPlan, Sparsity, WeightFormat, sparsity_name
+from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat, sparsity_name
 from dse.spec import LayerGroup, SpaceSpec, SpecError
 
 _BLOCK_RE = re.compile(r"\.(\d+)\.")
@@ -77,17 +79,22 @@ def build_units(space: SpaceSpec, layer_names: list[str]) -> list[Unit]:
     return [Unit(key, groups[key], tuple(names)) for key, names in units.items()]
 
 
-def suggest_plan(trial, units: list[Unit]) -> ModelPlan:
-    """Ask an Optuna trial for each unit's choices and return the plan."""
+def suggest_plan(trial, units: list[Unit], mlgru_blocks: tuple[int, ...] = ()) -> ModelPlan:
+    """Ask an Optuna trial for each unit's choices (and each MLGRU-eligible block's mixer); return the plan."""
     layers = []
     for unit in units:
         group = unit.group
-        sparsity = _suggest(trial, f"{unit.key}.sparsity", [sparsity_name(s) for s in group.sparsity])
-        fmt = _suggest(trial, f"{unit.key}.format", [f.name for f in group.formats])
-        chosen_sparsity = Sparsity.parse(sparsity)
-        chosen_fmt = WeightFormat(fmt, group.formats[0].group_size)
-        layers.extend(LayerPlan(name, chosen_sparsity, chosen_fmt) for name in unit.layers)
-    return ModelPlan(layers=tuple(layers))
+        sparsity = Sparsity.parse(_suggest(trial, f"{unit.key}.sparsity", [sparsity_name(s) for s in group.sparsity]))
+        first = group.formats[0]
+        fmt = WeightFormat(_suggest(trial, f"{unit.key}.format", [f.name for f in group.formats]),
+                           first.group_size, first.symmetric)
+        prune = _suggest(trial, f"{unit.key}.prune", list(group.prune))
+        quant = _suggest(trial, f"{unit.key}.quant", list(group.quant))
+        if quant == "refit" and not fmt.is_ternary:
+            quant = "rtn"
+        layers.extend(LayerPlan(name, sparsity, fmt, prune, quant) for name in unit.layers)
+    blocks = tuple(BlockPlan(i, _suggest(trial, f"b{i}.mixer", ["attention", "mlgru"])) for i in mlgru_blocks)
+    return ModelPlan(layers=tuple(layers), blocks=tuple(bp for bp in blocks if bp.mixer == "mlgru"))
 
 
 def _suggest(trial, name: str, choices: list[str]) -> str:

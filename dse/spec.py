@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dse.plan import FORMAT_NAMES, PlanError, Sparsity, WeightFormat
+from dse.plan import FORMAT_NAMES, PRUNE_METHODS, QUANT_METHODS, PlanError, Sparsity, WeightFormat
 
 SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random")
 TIE_MODES = ("layer", "block", "group")
@@ -52,6 +52,8 @@ class LayerGroup:
     targets: str
     sparsity: tuple[Sparsity | None, ...] = (None,)
     formats: tuple[WeightFormat, ...] = (WeightFormat("16"),)
+    prune: tuple[str, ...] = ("magnitude",)
+    quant: tuple[str, ...] = ("rtn",)
 
     def matches(self, layer_name: str) -> bool:
         return re.fullmatch(self.targets, layer_name) is not None
@@ -97,6 +99,26 @@ class SamplerSpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """How calibrated methods and MLGRU distillation run (evaluators.compress.apply explains the modes)."""
+
+    mode: str = "sequential"      # sequential: statistics through the compressed earlier blocks; dense: from the dense model
+    windows: int = 16             # calibration windows of the calibration works
+    seq_len: int = 256            # tokens per calibration window
+    seed: int = 0
+    distill_steps: int = 300      # Adam steps per distilled MLGRU block
+    distill_lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """The proxy fidelity's token set: ``windows`` x ``seq_len`` tokens of the validation works."""
+
+    windows: int = 8
+    seq_len: int = 256
+
+
+@dataclass(frozen=True)
 class StudySpec:
     study: str
     model: str
@@ -113,6 +135,8 @@ class StudySpec:
     batch_size: int = 8
     storage: str = "sqlite:///dse-studies.db"
     ray_address: str | None = None
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    proxy: ProxySpec = field(default_factory=ProxySpec)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (stored as a study user attribute)."""
@@ -120,7 +144,8 @@ class StudySpec:
         d["space"]["groups"] = [
             {"name": g.name, "targets": g.targets,
              "sparsity": [("dense" if s is None else str(s)) for s in g.sparsity],
-             "formats": [f.name for f in g.formats], "group_size": g.formats[0].group_size}
+             "formats": [f.name for f in g.formats], "group_size": g.formats[0].group_size,
+             "symmetric": g.formats[0].symmetric, "prune": list(g.prune), "quant": list(g.quant)}
             for g in self.space.groups
         ]
         d["constraints"] = [str(c) for c in self.constraints]
@@ -204,13 +229,25 @@ def _tasks(value: Any) -> tuple[TaskSpec, ...]:
 
 def _group(item: Any, index: int) -> LayerGroup:
     path = f"space.groups[{index}]"
-    _check_keys(item, path, ("name", "targets", "sparsity", "formats", "group_size"), ("targets",))
+    _check_keys(item, path, ("name", "targets", "sparsity", "formats", "group_size", "symmetric", "prune", "quant"),
+                ("targets",))
     targets = _str(item["targets"], f"{path}.targets")
     try:
         re.compile(targets)
     except re.error as err:
         raise SpecError(f"{path}.targets", f"invalid regular expression: {err}") from None
     group_size = _int(item.get("group_size", 128), f"{path}.group_size", 1)
+    symmetric = item.get("symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise SpecError(f"{path}.symmetric", f"{symmetric!r} is not true or false")
+    methods = {}
+    for key, allowed in (("prune", PRUNE_METHODS), ("quant", QUANT_METHODS)):
+        raw = item.get(key, [allowed[0]])
+        values = [_choice(v, f"{path}.{key}[{j}]", allowed)
+                  for j, v in enumerate(raw if isinstance(raw, list) else [raw])]
+        if not values or len(set(values)) != len(values):
+            raise SpecError(f"{path}.{key}", "give one or more distinct methods")
+        methods[key] = tuple(values)
     sparsity = []
     for j, s in enumerate(_list(item.get("sparsity", ["dense"]), f"{path}.sparsity")):
         try:
@@ -220,14 +257,17 @@ def _group(item: Any, index: int) -> LayerGroup:
     formats = []
     for j, f in enumerate(_list(item.get("formats", ["16"]), f"{path}.formats")):
         try:
-            formats.append(WeightFormat.parse(f, group_size))
+            formats.append(WeightFormat.parse(f, group_size, symmetric))
         except PlanError:
             raise SpecError(f"{path}.formats[{j}]", f"{f!r} is not one of {', '.join(FORMAT_NAMES)}") from None
     for label, values in (("sparsity", sparsity), ("formats", formats)):
         if len(set(values)) != len(values):
             raise SpecError(f"{path}.{label}", "lists a choice twice")
+    if "refit" in methods["quant"] and not all(f.is_ternary for f in formats):
+        raise SpecError(f"{path}.quant", "refit applies to ternary weights only; list formats: [ternary]")
     name = item.get("name", f"group{index}")
-    return LayerGroup(_str(name, f"{path}.name"), targets, tuple(sparsity), tuple(formats))
+    return LayerGroup(_str(name, f"{path}.name"), targets, tuple(sparsity), tuple(formats),
+                      methods["prune"], methods["quant"])
 
 
 def _space(value: Any) -> SpaceSpec:
@@ -241,8 +281,8 @@ def _space(value: Any) -> SpaceSpec:
     if not isinstance(mlgru, list):
         raise SpecError("space.mlgru_blocks", "expected a list of block indices")
     blocks = tuple(_int(b, f"space.mlgru_blocks[{i}]", 0) for i, b in enumerate(mlgru))
-    if blocks:
-        raise SpecError("space.mlgru_blocks", "MLGRU substitution is not available in this version; allowed: []")
+    if len(set(blocks)) != len(blocks):
+        raise SpecError("space.mlgru_blocks", "lists a block twice")
     return SpaceSpec(groups, _choice(d.get("tie", "block"), "space.tie", TIE_MODES), blocks)
 
 
@@ -343,8 +383,29 @@ def _ray(value: Any) -> tuple[str | None, int]:
     return address, _int(d.get("threads_per_worker", 1), "ray.threads_per_worker", 1, 64)
 
 
+def _compression(value: Any) -> CompressionSpec:
+    d = _check_keys(value or {}, "compression", ("mode", "windows", "seq_len", "seed", "distill_steps", "distill_lr"))
+    lr = d.get("distill_lr", 2e-3)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise SpecError("compression.distill_lr", f"{lr!r} is not a number in (0, 1)")
+    return CompressionSpec(
+        mode=_choice(d.get("mode", "sequential"), "compression.mode", ("sequential", "dense")),
+        windows=_int(d.get("windows", 16), "compression.windows", 1, 4096),
+        seq_len=_int(d.get("seq_len", 256), "compression.seq_len", 8, 8192),
+        seed=_int(d.get("seed", 0), "compression.seed", 0),
+        distill_steps=_int(d.get("distill_steps", 300), "compression.distill_steps", 0, 100_000),
+        distill_lr=float(lr),
+    )
+
+
+def _proxy(value: Any) -> ProxySpec:
+    d = _check_keys(value or {}, "proxy", ("windows", "seq_len"))
+    return ProxySpec(windows=_int(d.get("windows", 8), "proxy.windows", 1, 4096),
+                     seq_len=_int(d.get("seq_len", 256), "proxy.seq_len", 8, 8192))
+
+
 TOP_LEVEL = ("study", "model", "tasks", "task_seed", "batch_size", "space", "hardware", "objectives",
-             "constraints", "sampler", "trials", "workers", "storage", "ray")
+             "constraints", "sampler", "trials", "workers", "storage", "ray", "compression", "proxy")
 
 
 def parse_spec(data: Any) -> StudySpec:
@@ -374,6 +435,8 @@ def parse_spec(data: Any) -> StudySpec:
         threads_per_worker=threads,
         storage=_storage(d.get("storage", "sqlite:///dse-studies.db")),
         ray_address=address,
+        compression=_compression(d.get("compression")),
+        proxy=_proxy(d.get("proxy")),
     )
 
 

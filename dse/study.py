@@ -66,6 +66,10 @@ def prepare(spec: StudySpec) -> Setup:
     layers = workload.linear_layers()
     units = build_units(spec.space, [layer.name for layer in layers])
     check_nm_widths(spec, {layer.name: layer.in_features for layer in layers}, units)
+    for i, block in enumerate(spec.space.mlgru_blocks):
+        if block >= workload.num_layers:
+            raise SpecError(f"space.mlgru_blocks[{i}]", f"block {block} is not in the model (blocks 0.."
+                                                         f"{workload.num_layers - 1})")
     return Setup(spec, workload, Accelerator.from_dict(spec.hardware), units)
 
 
@@ -162,7 +166,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
                      include_dashboard=False, log_to_driver=False)
     actors = [
         EvaluatorActor.options(num_cpus=spec.threads_per_worker, runtime_env={"env_vars": WORKER_ENV}).remote(
-            spec.model, spec.tasks, spec.task_seed, spec.batch_size, spec.threads_per_worker)
+            spec.model, spec.tasks, spec.task_seed, spec.batch_size, spec.threads_per_worker, spec.compression)
         for _ in range(spec.workers)
     ]
     idle = list(actors)
@@ -173,7 +177,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
         while done < spec.trials:
             while idle and done + len(running) < spec.trials:
                 trial = study.ask()
-                plan = suggest_plan(trial, setup.units)
+                plan = suggest_plan(trial, setup.units, spec.space.mlgru_blocks)
                 started = time.perf_counter()
                 report = estimate(plan, setup.workload, setup.accelerator)
                 cost_s = time.perf_counter() - started

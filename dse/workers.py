@@ -7,14 +7,13 @@ lm-eval tasks through the project's :class:`~evaluators.lm.TorchLM`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
 
 import ray
 
-from dse.spec import TaskSpec
+from dse.spec import CompressionSpec, TaskSpec
 
 
 def accuracy_of(metrics: dict[str, dict[str, float]], tasks: tuple[TaskSpec, ...]) -> float:
@@ -25,7 +24,8 @@ def accuracy_of(metrics: dict[str, dict[str, float]], tasks: tuple[TaskSpec, ...
 class Evaluator:
     """Evaluates plans on one loaded model (the body of the Ray actor; usable without Ray)."""
 
-    def __init__(self, model: str, tasks: tuple[TaskSpec, ...], task_seed: int, batch_size: int, threads: int):
+    def __init__(self, model: str, tasks: tuple[TaskSpec, ...], task_seed: int, batch_size: int, threads: int,
+                 compression: CompressionSpec | None = None):
         import torch
 
         from evaluators.compress import PlanApplier
@@ -36,7 +36,7 @@ class Evaluator:
         torch.set_num_threads(threads)
         started = time.perf_counter()
         self.model, self.tokenizer = load_model(model)
-        self.applier = PlanApplier(self.model)
+        self.applier = PlanApplier(self.model, self.tokenizer, compression)
         self.lm = TorchLM(self.model, self.tokenizer, batch_size=batch_size, disable_tqdm=True)
         self.tasks = tasks
         self.task_manager = task_manager(task_seed)
@@ -46,31 +46,19 @@ class Evaluator:
     def evaluate(self, plan_json: str) -> dict:
         """Apply the plan and run every task; returns the evaluation as a JSON-able dict."""
         from dse.plan import ModelPlan
-        from evaluators.harness import run_tasks
-        from evaluators.tasks import LOCAL_NAMES, offline_datasets
+        from evaluators.fidelity import full_eval
 
         started = time.perf_counter()
-        self.applier.apply(ModelPlan.from_json(plan_json))
+        applied = self.applier.apply(ModelPlan.from_json(plan_json))
         applied_s = time.perf_counter() - started
-        metrics: dict[str, dict[str, float]] = {}
-        tokens = 0
-        # Local tasks read only local files: keep `datasets` from trying a hub.
-        local = all(t.name in LOCAL_NAMES for t in self.tasks)
-        with offline_datasets() if local else contextlib.nullcontext():
-            for task in self.tasks:
-                result = run_tasks(self.lm, [task.name], self.task_manager, limit=task.limit)
-                metrics.update(result.metrics)
-                tokens += result.tokens_evaluated
-        missing = [f"{t.name}.{t.metric}" for t in self.tasks if t.metric not in metrics.get(t.name, {})]
-        if missing:
-            available = {name: sorted(m) for name, m in metrics.items()}
-            raise ValueError(f"tasks: metric {missing[0]} not reported by lm-eval; available: {available}")
+        result = full_eval(self.lm, self.tasks, self.task_manager)
         return {
             "fidelity": "full",
-            "metrics": metrics,
-            "accuracy": accuracy_of(metrics, self.tasks),
-            "tokens_evaluated": tokens,
+            "metrics": result.metrics,
+            "accuracy": accuracy_of(result.metrics, self.tasks),
+            "tokens_evaluated": result.tokens_evaluated,
             "limits": {t.name: t.limit for t in self.tasks},
+            "compression": applied.summary(),
             "timings_s": {"apply": applied_s, "eval": time.perf_counter() - started - applied_s},
             "worker": self.worker,
         }

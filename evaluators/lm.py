@@ -92,6 +92,8 @@ class TorchLM(TemplateLM):
             methods without ``disable_tqdm``; set this in workers).
         use_kv_cache: generate with the model's KV cache; ``False`` re-runs the
             whole sequence per new token (for models whose modules cannot cache).
+            A model holding a recurrent token mixer (``is_recurrent_mixer``) is always
+            decoded that way, one unpadded row at a time.
         max_logits_bytes: split a batch's forward into row groups when its
             float logits would exceed this many bytes.
 
@@ -464,8 +466,22 @@ class TorchLM(TemplateLM):
         pbar.close()
         return re_ords.get_original(res)
 
+    def _has_recurrent_mixer(self) -> bool:
+        """The model holds a module flagged ``is_recurrent_mixer`` (an MLGRU of ``evaluators.compress.mlgru``)."""
+        return isinstance(self._model, torch.nn.Module) and any(
+            getattr(m, "is_recurrent_mixer", False) for m in self._model.modules()
+        )
+
     def _greedy(self, prompts: list[list[int]], max_new: int, until: list[str]) -> list[list[int]]:
-        """Greedy decode a left-padded batch; a row stops at an EOS id or once a stop string appears."""
+        """Greedy decode a left-padded batch; a row stops at an EOS id or once a stop string appears.
+
+        A recurrent token mixer sees neither the attention mask (left padding would enter its state)
+        nor the KV cache: with one in the model, each row is decoded on its own, unpadded, recomputing
+        the whole sequence for every new token.
+        """
+        recurrent = self._has_recurrent_mixer()
+        if recurrent and len(prompts) > 1:
+            return [self._greedy([p], max_new, until)[0] for p in prompts]
         n = len(prompts)
         width = max(len(p) for p in prompts)
         if width == 0:
@@ -484,7 +500,7 @@ class TorchLM(TemplateLM):
         with torch.inference_mode():
             for _ in range(max_new):
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                if self.use_kv_cache:
+                if self.use_kv_cache and not recurrent:
                     step_ids = ids if past is None else ids[:, -1:]
                     kwargs: dict[str, Any] = {
                         "attention_mask": mask,

@@ -35,8 +35,7 @@ from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_dev
 from hwcost.workload import BUILTIN_CONFIGS, Workload
 
 USER_ERROR = 2
-WEIGHT_CHOICES = {"fp16": "16", "int8": "8", "int6": "6", "int4": "4", "int3": "3", "int2": "2",
-                  "ternary": "ternary"}
+WEIGHT_CHOICES = {"fp16": "16", **{f"int{b}": str(b) for b in range(8, 1, -1)}, "ternary": "ternary"}
 """``--weights`` value -> :class:`~dse.plan.WeightFormat` name."""
 SUITE_ENV = "HWCOST_SUITE_RUNNING"
 """Set in the environment of the pytest process ``dse hwcost test`` starts (its own test skips itself)."""
@@ -329,7 +328,8 @@ def check_nm_divides(plan: ModelPlan, workload: Workload, flag: str) -> None:
         if lp is None and ".mlgru." in layer.name:
             lp = named.get(workload.mlgru_counterpart(layer.name))
         if lp is not None and lp.sparsity is not None and layer.in_features % lp.sparsity.m:
-            raise HwcostError(f"{flag}: M={lp.sparsity.m} does not divide in_features {layer.in_features} "
+            field = f"layer '{layer.name}' sparsity {lp.sparsity}: " if flag == "--plan" else ""
+            raise HwcostError(f"{flag}: {field}M={lp.sparsity.m} does not divide in_features {layer.in_features} "
                               f"of {layer.name}")
 
 

@@ -5,7 +5,7 @@ One function per figure, FINN ``*_estimation()`` style; every constant is ``C[..
 Python numbers and on numpy arrays alike, so that :mod:`hwcost.model` evaluates a batch of plans
 with the same formulas as a single one.
 
-Kernel classes: ``fp16``, ``int8``, ``int6``, ``int4``, ``int3``, ``int2``, ``ternary``
+Kernel classes: ``fp16``, ``int8`` .. ``int2`` (every width from 8 down to 2 bits), ``ternary``
 (:data:`KERNELS`). Sparsity is N:M with ``n`` kept of every ``m`` weights along the input
 dimension; dense is ``n = m = 1`` in the array forms (no index bits, no operand mux).
 
@@ -41,7 +41,7 @@ import numpy as np
 from dse.plan import Sparsity, WeightFormat
 from hwcost.devices import constants
 
-KERNELS = ("fp16", "int8", "int6", "int4", "int3", "int2", "ternary")
+KERNELS = ("fp16", "int8", "int7", "int6", "int5", "int4", "int3", "int2", "ternary")
 """Kernel classes in a fixed order (array code = index)."""
 
 
@@ -74,7 +74,7 @@ def macs_per_dsp(cls: str, dsp_kind: str, act_bits: int | None = None) -> float:
 @lru_cache(maxsize=None)
 def engine_class(cls: str, dsp_kind: str, act_bits: int | None = None) -> str:
     """The kernel class whose engine runs layers of class ``cls``: the widest INT class with the same
-    DSP packing for INT-k (int6 -> int8, int3 and int2 -> int4 on DSP48E2 with 8-bit activations;
+    DSP packing for INT-k (int7, int6, int5 -> int8, int3 and int2 -> int4 on DSP48E2 with 8-bit activations;
     narrower weights are sign-extended into the same lanes); fp16 and ternary run on their own."""
     if cls in ("fp16", "ternary"):
         return cls

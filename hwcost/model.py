@@ -657,8 +657,9 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
         raise ValueError(f"layer {lay.layers[rows[p, r]].name}: M={m[p, r]} does not divide in_features "
                          f"{int(in_f[p, r])} (plan {p} of the batch)")
     # -- kept MACs and storage
-    bits = np.array([16.0, 8, 6, 4, 3, 2, float(c["ternary"]["bits_per_weight"])])[kernel]
-    scales = np.array([kernels.SCALES_NONE] + [kernels.SCALES_GROUP] * 5 + [kernels.SCALES_TENSOR])[kernel]
+    bits = np.array([16.0] + [float(k[3:]) for k in KERNELS[1:-1]] + [float(c["ternary"]["bits_per_weight"])])[kernel]
+    scales = np.array([kernels.SCALES_NONE] + [kernels.SCALES_GROUP] * (len(KERNELS) - 2)
+                      + [kernels.SCALES_TENSOR])[kernel]
     *_, total_bits, kept_row = kernels.storage_bits_arrays(in_f, out_f, n, m, bits, group, scales)
     kept = B * kept_row * out_f
     nbytes = np.where(present, np.ceil(total_bits / 8), 0.0)

@@ -14,6 +14,7 @@ import torch
 
 from dse.plan import LayerPlan, ModelPlan, Sparsity
 from evaluators.compress import PlanApplier
+from evaluators.compress.cache import CompressionCache
 from evaluators.corpus import split_works
 from evaluators.fidelity import ProxySet, dense_reference, proxy_eval
 from evaluators.models import linear_layer_names, load_model
@@ -60,3 +61,38 @@ def test_pruning_moves_the_distribution(setup):
     assert pruned.metric("proxy", "kl") > 0.05
     assert pruned.metric("proxy", "ppl") > dense.metric("proxy", "ppl")
     assert proxy_eval(model, proxy, reference).metric("proxy", "kl") < 1e-3  # restored
+
+
+def test_dense_reference_is_cached_on_disk(setup, tmp_path):
+    model, proxy, reference = setup
+    cache = CompressionCache("fp", tmp_path)
+    first = dense_reference(model, proxy, cache)
+    stored = cache.load_blob("reference", proxy.key)[0]["log_probs"]
+    with torch.inference_mode():  # the stored reference is what the model computes (FP16)
+        expected = torch.log_softmax(model(proxy.input_ids[:1]).logits[0, :-1].float(), dim=-1).half()
+    assert torch.equal(stored[0], expected)
+    second = dense_reference(torch.nn.Identity(), proxy, cache)  # no model call: read from disk
+    for ref in (second, reference):
+        assert all(torch.equal(a, b) for a, b in zip(first.probs, ref.probs))
+    assert ProxySet.build(load_model()[1], windows=2, seq_len=64).key == proxy.key  # the same tokens, same key
+
+
+def test_kl_equals_the_direct_formula(setup):
+    """KL from the reference's dot-product form equals sum p (log p - log q) on log-softmax tensors."""
+    model, proxy, reference = setup
+    with torch.inference_mode():  # the dense reference as stored: FP16 log-probabilities
+        dense = [torch.log_softmax(model(row[None]).logits[0, :-1].float(), dim=-1).half().double()
+                 for row in proxy.input_ids]
+    applier = PlanApplier(model)
+    mlp = [name for name in linear_layer_names(model) if ".mlp." in name]
+    applier.apply(ModelPlan(layers=tuple(LayerPlan(name, Sparsity(2, 4)) for name in mlp)))
+    try:
+        result = proxy_eval(model, proxy, reference)
+        with torch.inference_mode():
+            kl = 0.0
+            for ref, row in zip(dense, proxy.input_ids):
+                lp = torch.log_softmax(model(row[None]).logits[0, :-1].double(), dim=-1)
+                kl += float((ref.exp() * (ref - lp)).sum())
+    finally:
+        applier.restore()
+    assert result.metric("proxy", "kl") == pytest.approx(kl / proxy.predicted_tokens, rel=1e-4)

@@ -293,3 +293,15 @@ def test_u280_flightllm_like_broad_band(llama7b):
           f"{r.power_w:.1f} W (FlightLLM published 55 tokens/s, 45 W)")
     assert r.fits
     assert 30 <= r.decode_tokens_per_s <= 110
+
+
+def test_every_integer_width_from_2_to_8_has_a_datapath():
+    """INT5 and INT7 store their exact bits and run on the lanes of the wider class with the same packing."""
+    from hwcost import kernels
+
+    # 2:4 INT5, 128 inputs x 1 output, group 64: 64 kept x 5 bits + 1 scale x 16 + 32 groups x 2 x 2 index bits
+    bits = kernels.storage_bits(128, 1, Sparsity(2, 4), WeightFormat("5", 64))
+    assert bits == {"values": 320.0, "scales": 16.0, "index": 128.0, "total": 464.0}
+    assert kernels.engine_class("int7", "dsp48e2") == "int8" and kernels.engine_class("int5", "dsp48e2") == "int8"
+    assert kernels.engine_class("int5", "dsp48e2", 16) == "int8"  # one 8x16 MAC per DSP48E2 for int8..int5
+    assert kernels.pj_per_mac("int5") < kernels.pj_per_mac("int6") < kernels.pj_per_mac("int7")

@@ -262,7 +262,7 @@ BAD_ESTIMATES = [
     (["--weights", "int4", "--sparsity", "two:four"], "--sparsity: 'two:four' is not 'dense' or N:M"),
     (["--weights", "int4", "--sparsity", "2:5"],
      "--sparsity: M=5 does not divide in_features 576 of model.layers.0.self_attn.q_proj"),
-    (["--weights", "int5"], "--weights: 'int5' is not one of fp16, int8, int6, int4, int3, int2, ternary"),
+    (["--weights", "int9"], "--weights: 'int9' is not one of fp16, int8, int7, int6, int5, int4, int3, int2, ternary"),
     (["--weights", "int4", "--clock-mhz", "-5"], "--clock-mhz: -5 is not a number in [1, 1000] MHz"),
     (["--weights", "int4", "--clock-mhz", "0"], "--clock-mhz: 0 is not a number in [1, 1000] MHz"),
     (["--weights", "int4", "--clock-mhz", "fast"], "--clock-mhz: fast is not a number"),
@@ -315,10 +315,11 @@ def test_estimate_bad_plan_files(tmp_path, capsys):
     up40 = {"name": "model.layers.40.mlp.up_proj", "format": "4"}
     plan_error({"plan": {"layers": [up40]}}, "layer 'model.layers.40.mlp.up_proj' is not in the workload (30 blocks)")
     plan_error({"layers": [{"name": "model.layers.0.self_attn.q_proj", "sparsity": "2:5", "format": "4"}]},
-               "M=5 does not divide in_features 576 of model.layers.0.self_attn.q_proj")
+               "layer 'model.layers.0.self_attn.q_proj' sparsity 2:5: M=5 does not divide in_features 576 of "
+               "model.layers.0.self_attn.q_proj")
     plan_error({"layers": [{"name": "model.layers.0.self_attn.q_proj", "sparsity": "4:4"}]},
-               "layers[0] (model.layers.0.self_attn.q_proj): '4:4' is not N:M with 0 < N < M")
-    plan_error({"layers": [{"name": "lm_head", "format": "5"}]}, "layers[0] (lm_head): '5' is not a weight format")
+               "layers[0] (model.layers.0.self_attn.q_proj): sparsity: '4:4' is not N:M with 0 < N < M")
+    plan_error({"layers": [{"name": "lm_head", "format": "9"}]}, "layers[0] (lm_head): format: '9' is not a weight format")
     plan_error({"layers": [{"format": "4"}]}, "layers[0].name: is required")
     plan_error({"blocks": [{"index": 30, "mixer": "mlgru"}]}, "block 30 is not in the workload (blocks 0..29)")
     plan_error({"blocks": [{"index": 1, "mixer": "ssm"}]}, "blocks[0]: mixer 'ssm'; allowed: attention, mlgru")

@@ -53,7 +53,7 @@ _DELETE = object()
 INVALID = [
     ("space.groups.1.sparsity.1", "5:4", "space.groups[1].sparsity[1]: '5:4' is not N:M with 0 < N < M"),
     ("space.groups.1.sparsity.0", "half", "space.groups[1].sparsity[0]: 'half' is not 'dense' or N:M"),
-    ("space.groups.0.formats.1", 5, "space.groups[0].formats[1]: 5 is not one of 16, 8, 6, 4, 3, 2, ternary"),
+    ("space.groups.0.formats.1", 9, "space.groups[0].formats[1]: 9 is not one of 16, 8, 7, 6, 5, 4, 3, 2, ternary"),
     ("space.groups.0.targets", "model.(layers", "space.groups[0].targets: invalid regular expression"),
     ("space.groups.0.group_size", 0, "space.groups[0].group_size: 0 is not an integer >= 1"),
     ("space.tie", "module", "space.tie: 'module' is not one of layer, block, group"),
@@ -77,7 +77,12 @@ INVALID = [
      "space.groups[2].targets: also matches 'model.layers.0.mlp.up_proj', already chosen by space.groups[1]"),
     ("space.groups.1.sparsity.1", "3:5", "space.groups[1].sparsity[1]: M=5 does not divide in_features 576 of "
                                          "model.layers.0.mlp.gate_proj"),
-    ("space.mlgru_blocks", [3], "space.mlgru_blocks: MLGRU substitution is not available in this version"),
+    ("space.mlgru_blocks", [3, 99], "space.mlgru_blocks[1]: block 99 is not in the model (blocks 0..29)"),
+    ("space.mlgru_blocks", [3, 3], "space.mlgru_blocks: lists a block twice"),
+    ("space.groups.0.prune", ["wanda", "obs"], "space.groups[0].prune[1]: 'obs' is not one of magnitude, wanda"),
+    ("space.groups.0.quant", "refit", "space.groups[0].quant: refit applies to ternary weights only"),
+    ("compression.mode", "parallel", "compression.mode: 'parallel' is not one of sequential, dense"),
+    ("proxy.windows", 0, "proxy.windows: 0 is not an integer from 1 to 4096"),
 ]
 
 
