@@ -1,8 +1,10 @@
 """The ``dse`` command line.
 
     dse start SPEC            create or resume the study in SPEC and run it to its trial budget
-    dse status STUDY          trial counts by state and the Pareto table
+    dse status STUDY          trial counts by state, the Pareto table (with full-fidelity results), hypervolume
     dse export STUDY --out D  write plan.yaml, hw_report.json, evaluation.json, summary.txt of a trial
+                              (--trial N or --pick knee|max-accuracy|min-latency|min-energy, --where,
+                              --checkpoint for the compressed model as packed safetensors)
     dse dashboard             serve the Streamlit Pareto dashboard (reads the storage only)
     dse sensitivity SPEC      proxy loss of compressing one unit at a time, every allowed choice (cached)
     dse evaluate SPEC --plan  compress the model as a plan file says and report proxy and/or lm-eval scores
@@ -57,38 +59,42 @@ def _open_existing(study_name: str, storage: str):
 
 
 def cmd_start(args) -> int:
-    from dse.report import pareto_table, state_counts
     from dse.spec import load_spec
     from dse.study import run_study
 
     spec = load_spec(args.spec, {"trials": args.trials, "workers": args.workers, "storage": args.storage})
     study = run_study(spec, progress=not args.no_progress)
-    counts = state_counts(study)
-    print(f"\nstudy '{spec.study}' in {spec.storage_display}: "
-          + ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v))
-    print(f"Pareto set ({', '.join(f'{o.name} {o.direction}' for o in spec.objectives)}):")
-    print(pareto_table(study))
+    print()
+    _print_status(study)
     return 0
 
 
 def cmd_status(args) -> int:
-    from dse.report import pareto_table, state_counts
-
     study = _open_existing(args.study, args.storage)
-    spec = study.user_attrs.get("spec", {})
-    print(f"study {study.study_name}: model {spec.get('model')}, device {spec.get('hardware', {}).get('device')}, "
-          f"budget {spec.get('trials')} trials")
-    print("  ".join(f"{k.lower()}={v}" for k, v in state_counts(study).items()))
-    print(pareto_table(study))
+    _print_status(study)
     return 0
+
+
+def _print_status(study) -> None:
+    from dse.report import hypervolume_line, pareto_table, state_counts
+
+    spec = study.user_attrs.get("spec", {})
+    trials = study.get_trials(deepcopy=False)
+    objectives = ", ".join(f"{o['name']} {o['direction']}" for o in spec.get("objectives", []))
+    print(f"study {study.study_name} in {spec.get('storage')}: model {spec.get('model')}, device "
+          f"{spec.get('hardware', {}).get('device')}, budget {spec.get('trials')} trials")
+    print("  ".join(f"{k.lower()}={v}" for k, v in state_counts(study).items()))
+    print(f"Pareto set ({objectives}):")
+    print(pareto_table(study, trials))
+    print(hypervolume_line(study, trials))
 
 
 def cmd_export(args) -> int:
     from dse.export import choose_trial, export_trial
 
     study = _open_existing(args.study, args.storage)
-    trial = choose_trial(study, args.trial, args.pick)
-    for path in export_trial(study, trial, Path(args.out)):
+    trial = choose_trial(study, args.trial, args.pick, args.where)
+    for path in export_trial(study, trial, Path(args.out), checkpoint=args.checkpoint, progress=_say):
         print(path)
     return 0
 
@@ -226,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="output directory")
             group = p.add_mutually_exclusive_group()
             group.add_argument("--trial", type=int, help="trial number to export")
-            group.add_argument("--pick", default="max-accuracy", choices=PICKS, help="which Pareto trial")
+            group.add_argument("--pick", default="knee", choices=PICKS, help="which Pareto trial (default knee)")
+            p.add_argument("--where", action="append", metavar="COND",
+                           help="only trials meeting it, e.g. 'decode_tokens_per_s>=30' (repeatable)")
+            p.add_argument("--checkpoint", action="store_true",
+                           help="also write the compressed model (packed safetensors + loader metadata)")
 
     p = sub.add_parser("dashboard", help="serve the Streamlit dashboard")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")

@@ -1,26 +1,70 @@
-"""Exporting a chosen trial: plan YAML, hardware report JSON, evaluation JSON and a short summary."""
+"""Exporting a chosen trial: plan YAML, hardware report JSON, evaluation JSON, a short summary, and
+optionally the compressed model (:mod:`evaluators.checkpoint`).
+
+Choosing: ``--trial N``, or ``--pick`` among the Pareto trials that pass every ``--where``
+condition (``metric >= value`` or ``<=`` on a hardware metric, ``proxy_kl``, ``proxy_ppl`` or
+``full_accuracy``):
+
+* ``max-accuracy``: the highest full-fidelity accuracy among promoted trials (the lowest proxy KL
+  when none was promoted yet);
+* ``min-latency``: the fewest decode ms per token;
+* ``min-energy``: the fewest joules per token;
+* ``knee``: the trial nearest (Euclidean) to the ideal point once each objective is normalised
+  to [0, 1] between the best and worst candidate.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import optuna
 import yaml
 
-from dse.report import pareto_trials, trial_row
+from dse.pareto import bounds, is_feasible, losses, study_front
+from dse.report import trial_row
 
-PICKS = ("max-accuracy", "max-tokens-per-s", "min-energy")
-_PICK_KEY = {"max-accuracy": ("accuracy", True), "max-tokens-per-s": ("decode_tokens_per_s", True),
-             "min-energy": ("j_per_token", False)}
+PICKS = ("knee", "max-accuracy", "min-latency", "min-energy")
+WHERE_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
 class ExportError(ValueError):
     """The requested trial cannot be exported (one-line message)."""
 
 
-def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "max-accuracy"):
-    """Trial ``number`` if given, else the Pareto trial best on ``pick``."""
+def _metric(trial, full: dict | None, name: str) -> float | None:
+    """A trial's value of ``name``: hardware report, proxy or full-fidelity figure."""
+    hw = trial.user_attrs.get("hw", {})
+    proxy = trial.user_attrs.get("eval", {}).get("proxy", {})
+    if name in ("proxy_kl", "proxy_ppl"):
+        return proxy.get(name[len("proxy_"):])
+    if name in ("full_accuracy", "accuracy"):
+        return None if full is None else full.get("accuracy")
+    value = hw.get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def parse_where(conditions: list[str]) -> list[tuple[str, str, float]]:
+    out = []
+    for text in conditions or []:
+        match = WHERE_RE.match(text)
+        if not match:
+            raise ExportError(f"--where: {text!r} is not '<metric> <=|>= <number>', e.g. 'decode_tokens_per_s>=30'")
+        metric, op, number = match.groups()
+        try:
+            out.append((metric, op, float(number)))
+        except ValueError:
+            raise ExportError(f"--where: {number!r} is not a number") from None
+    return out
+
+
+def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "knee",
+                 where: list[str] | None = None):
+    """Trial ``number`` if given, else the Pareto trial ``pick`` selects among those meeting ``where``."""
+    from dse.study import full_results
+
     if number is not None:
         trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
         if not trials:
@@ -31,42 +75,81 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "ma
         return trial
     if pick not in PICKS:
         raise ExportError(f"--pick: '{pick}' is not one of {', '.join(PICKS)}")
-    front = pareto_trials(study)
-    if not front:
+    conditions = parse_where(where)
+    full = full_results(study)
+    feasible = [t for t in study.get_trials(deepcopy=False) if is_feasible(t)]
+    if not feasible:
         raise ExportError(f"study '{study.study_name}' has no evaluated feasible trial to export yet")
-    key, maximize = _PICK_KEY[pick]
-    rows = {t.number: trial_row(study, t) for t in front}
-    if key not in next(iter(rows.values())):
-        raise ExportError(f"--pick: '{pick}' needs '{key}', which this study does not record")
-    best = (max if maximize else min)(rows.values(), key=lambda r: r[key])
-    return next(t for t in front if t.number == best["trial"])
+    for metric, op, value in conditions:
+        known = [t for t in feasible if _metric(t, full.get(t.number), metric) is not None]
+        if not known:
+            raise ExportError(f"--where: no trial records '{metric}' (hardware metrics, proxy_kl, proxy_ppl, "
+                              "full_accuracy)")
+        feasible = [t for t in known if (_metric(t, full.get(t.number), metric) >= value if op == ">="
+                                         else _metric(t, full.get(t.number), metric) <= value)]
+        if not feasible:
+            raise ExportError(f"--where: no feasible trial of study '{study.study_name}' has {metric} {op} {value:g}")
+    front = study_front(study, feasible)
+    if pick == "knee":
+        loss = losses([t.values for t in front], study.directions)
+        lo, hi = bounds(loss)
+        scaled = (loss - lo) / np.where(hi > lo, hi - lo, 1.0)
+        return front[int(np.argmin(np.linalg.norm(scaled, axis=1)))]
+    if pick == "max-accuracy":
+        promoted = [t for t in front if full.get(t.number)]
+        if promoted:
+            return max(promoted, key=lambda t: full[t.number]["accuracy"])
+        return min(front, key=lambda t: _metric(t, None, "proxy_kl") or float("inf"))
+    key = "decode_ms_per_token" if pick == "min-latency" else "j_per_token"
+    return min(front, key=lambda t: _metric(t, None, key))
 
 
-def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> list[Path]:
-    """Write the bundle for ``trial`` into ``out``; returns the files written."""
+def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
+                 progress=None) -> list[Path]:
+    """Write the bundle for ``trial`` into ``out``; with ``checkpoint`` also the compressed model in
+    ``out/checkpoint`` (loadable with :func:`evaluators.checkpoint.load_checkpoint`). Returns the files."""
+    from dse.study import full_results
+
     out.mkdir(parents=True, exist_ok=True)
     spec = study.user_attrs.get("spec", {})
+    full = full_results(study).get(trial.number)
     header = {"study": study.study_name, "trial": trial.number, "model": spec.get("model"),
               "device": spec.get("hardware", {}).get("device")}
+    evaluation = dict(trial.user_attrs.get("eval", {"evaluated": False}))
+    if full is not None:
+        evaluation["full"] = full
     files = {
         "plan.yaml": yaml.safe_dump({**header, "plan": trial.user_attrs["plan"]}, sort_keys=False),
         "hw_report.json": json.dumps(trial.user_attrs.get("hw", {}), indent=1),
-        "evaluation.json": json.dumps(trial.user_attrs.get("eval", {"evaluated": False}), indent=1),
-        "summary.txt": summary_text(study, trial),
+        "evaluation.json": json.dumps(evaluation, indent=1),
+        "summary.txt": summary_text(study, trial, full),
     }
     written = []
     for name, text in files.items():
         path = out / name
         path.write_text(text)
         written.append(path)
+    if checkpoint:
+        from dse.plan import ModelPlan
+        from dse.spec import CompressionSpec
+        from evaluators.checkpoint import write_checkpoint
+
+        compression = CompressionSpec(**spec.get("compression", {}))
+        written += write_checkpoint(spec["model"], ModelPlan.from_dict(trial.user_attrs["plan"]), compression,
+                                    out / "checkpoint", progress=progress)
     return written
 
 
-def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
-    row = trial_row(study, trial)
+def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None) -> str:
+    """A few lines a person reads first: objectives, hardware, fidelity results, plan summary."""
+    row = trial_row(study, trial, full)
     hw = trial.user_attrs.get("hw", {})
-    lines = [f"study {study.study_name}, trial {trial.number}"]
-    lines += [f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in row.items() if k != "trial"]
+    lines = [f"study {study.study_name}, trial {trial.number}"
+             + (f" ({trial.user_attrs['warm_start']})" if trial.user_attrs.get("warm_start") else "")]
+    lines += [f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in row.items()
+              if k not in ("trial", "warm_start")]
+    if full is None and trial.user_attrs.get("evaluated"):
+        lines.append("  full fidelity: not promoted (only the proxy was measured)")
     if hw:
         lines.append(f"  fits: {hw.get('fits')}  utilisation: "
                      + ", ".join(f"{k} {v:.1%}" for k, v in hw.get("utilisation", {}).items()))

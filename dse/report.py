@@ -1,4 +1,4 @@
-"""Reading a stored study: state counts, the Pareto set, and a plain-text table of it."""
+"""Reading a stored study: state counts, the Pareto set (with full-fidelity results), and text tables."""
 
 from __future__ import annotations
 
@@ -18,28 +18,41 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+def pareto_trials(study: optuna.Study, trials=None) -> list[optuna.trial.FrozenTrial]:
     """Evaluated, feasible trials on the Pareto front, best first on the first objective."""
-    front = [t for t in study.best_trials if t.user_attrs.get("evaluated")]
+    from dse.pareto import study_front
+
+    front = study_front(study, trials)
     reverse = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     return sorted(front, key=lambda t: t.values[0], reverse=reverse)
 
 
-def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
-    """One trial as a flat dict: objectives, hardware figures, task metrics, plan summary."""
+def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None) -> dict:
+    """One trial as a flat dict: objectives, hardware figures, proxy and full-fidelity results (``full``:
+    this trial's promotion result, if any), plan summary."""
     names = study.metric_names or [f"objective{i}" for i in range(len(study.directions))]
     hw = trial.user_attrs.get("hw", {})
+    evaluation = trial.user_attrs.get("eval", {})
     row = {"trial": trial.number}
     if trial.values:
         row.update({name: value for name, value in zip(names, trial.values)})
-    for key in ("decode_tokens_per_s", "j_per_token", "power_w"):
+    for key in ("decode_tokens_per_s", "decode_ms_per_token", "j_per_token", "power_w"):
         if key not in row and key in hw:
             row[key] = hw[key]
     if "weight_bytes_total" in hw:
         row["weight_MB"] = hw["weight_bytes_total"] / 1e6
-    for task, metrics in trial.user_attrs.get("eval", {}).get("metrics", {}).items():
-        for metric, value in metrics.items():
-            row[f"{task}.{metric}"] = value
+    for key, value in evaluation.get("proxy", {}).items():
+        if key in ("kl", "ppl") and f"proxy_{key}" not in row:
+            row[f"proxy_{key}"] = value
+    full = full or evaluation.get("full")
+    if full:
+        if "accuracy" not in row:
+            row["full_accuracy"] = full["accuracy"]
+        for task, metrics in full.get("metrics", {}).items():
+            for metric, value in metrics.items():
+                row[f"{task}.{metric}"] = value
+    if trial.user_attrs.get("warm_start"):
+        row["warm_start"] = trial.user_attrs["warm_start"]
     row["plan"] = ", ".join(f"{n}x {label}" for label, n in trial.user_attrs.get("plan_summary", {}).items())
     return row
 
@@ -63,10 +76,26 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def pareto_table(study: optuna.Study) -> str:
-    """The Pareto set as text: objectives first, then weight MB, the accuracy tasks' metrics and the plan."""
-    rows = [trial_row(study, t) for t in pareto_trials(study)]
+def pareto_table(study: optuna.Study, trials=None) -> str:
+    """The Pareto set as text: objectives, weight MB, full-fidelity accuracy and task metrics where the
+    trial was promoted (blank where not yet), warm-start label and plan."""
+    from dse.study import full_results
+
+    full = full_results(study)
+    rows = [trial_row(study, t, full.get(t.number)) for t in pareto_trials(study, trials)]
     spec = study.user_attrs.get("spec", {})
     names = list(study.metric_names or [])
-    task_cols = [f"{t['name']}.{t['metric']}" for t in spec.get("tasks", []) if len(spec.get("tasks", [])) > 1]
-    return format_table(rows, ["trial", *names, "weight_MB", *task_cols, "plan"])
+    tasks = spec.get("tasks", [])
+    task_cols = [f"{t['name']}.{t['metric']}" for t in tasks] if len(tasks) > 1 else []
+    extra = [] if "accuracy" in names else ["full_accuracy"]
+    return format_table(rows, ["trial", *names, "weight_MB", *extra, *task_cols, "warm_start", "plan"])
+
+
+def hypervolume_line(study: optuna.Study, trials=None) -> str:
+    """One line: the hypervolume of the feasible trials (normalised by their own bounds) and its basis."""
+    from dse.pareto import is_feasible, study_hypervolume
+
+    trials = trials if trials is not None else study.get_trials(deepcopy=False)
+    feasible = sum(is_feasible(t) for t in trials)
+    return (f"hypervolume {study_hypervolume(study, trials):.4f} (objectives normalised to [0, 1] between "
+            f"the best and worst of {feasible} feasible trials, reference point 1.1)")

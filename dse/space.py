@@ -1,13 +1,21 @@
 """From the spec's layer groups to Optuna parameters and back to a :class:`~dse.plan.ModelPlan`.
 
-Each group's regex picks layers by module name (full match). A *unit* is what
-shares one choice: a single layer (``tie: layer``), a group within one block
-(``tie: block``, e.g. all MLP projections of block 7), or a whole group
-(``tie: group``). Each unit has up to four categorical parameters,
-``<unit>.sparsity``, ``<unit>.format``, ``<unit>.prune`` and ``<unit>.quant``,
-suggested only when the group allows more than one value. Each block listed
-in ``space.mlgru_blocks`` has a parameter ``b<i>.mixer`` (attention or mlgru);
-an MLGRU's projections inherit the plan of their attention counterparts.
+Each group's regex picks layers by module name (full match); layers matching a
+``space.ignore`` regex stay FP16 and dense whatever the groups say (as
+llm-compressor's ``ignore``). Embeddings and norms are not linear layers and are
+never in a plan, so they always stay as they are. A *unit* is what shares one
+choice: a single layer (``tie: layer``), a group within one block (``tie: block``,
+e.g. all MLP projections of block 7), one layer type across blocks (``tie: type``,
+e.g. every ``mlp.down_proj``), or a whole group (``tie: group``).
+
+Each unit has up to four categorical parameters, ``<unit>.sparsity``,
+``<unit>.format``, ``<unit>.prune`` and ``<unit>.quant``, present only when the
+group allows more than one value. Each block listed in ``space.mlgru_blocks`` has
+a parameter ``b<i>.mixer`` (attention or mlgru); an MLGRU's projections inherit
+the plan of their attention counterparts. :func:`distributions` gives the Optuna
+distributions, :func:`plan_from_params` turns a parameter dict back into a
+:class:`~dse.plan.ModelPlan`, and :func:`unit_params` goes the other way for one
+unit (warm starts are enqueued as parameter dicts).
 """
 
 from __future__ import annotations
@@ -15,16 +23,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from optuna.distributions import CategoricalDistribution
+
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat, sparsity_name
 from dse.spec import LayerGroup, SpaceSpec, SpecError
 
 _BLOCK_RE = re.compile(r"\.(\d+)\.")
+MIXERS = ("attention", "mlgru")
 
 
 def block_index(layer_name: str) -> int | None:
     """Index of the transformer block a layer belongs to (first numeric path part), or None."""
     match = _BLOCK_RE.search(f".{layer_name}.")
     return int(match.group(1)) if match else None
+
+
+def layer_type(layer_name: str) -> str:
+    """The layer's path inside its block (``mlp.down_proj``), or its whole name outside the blocks."""
+    match = _BLOCK_RE.search(f".{layer_name}.")
+    return layer_name[match.end() - 1:] if match else layer_name
 
 
 @dataclass(frozen=True)
@@ -43,12 +60,17 @@ def match_layers(space: SpaceSpec, layer_names: list[str]) -> dict[str, LayerGro
     """
     assigned: dict[str, LayerGroup] = {}
     owner: dict[str, int] = {}
+    for i, pattern in enumerate(space.ignore):
+        if not any(re.fullmatch(pattern, name) for name in layer_names):
+            raise SpecError(f"space.ignore[{i}]", f"'{pattern}' matches no linear layer of the model")
+    kept = [name for name in layer_names if not space.ignored(name)]
     for i, group in enumerate(space.groups):
-        hits = [name for name in layer_names if group.matches(name)]
+        hits = [name for name in kept if group.matches(name)]
         if not hits:
-            examples = ", ".join(layer_names[:3])
+            examples = ", ".join(kept[:3])
             raise SpecError(f"space.groups[{i}].targets",
-                            f"'{group.targets}' matches no linear layer of the model (e.g. {examples})")
+                            f"'{group.targets}' matches no linear layer of the model outside space.ignore "
+                            f"(e.g. {examples})")
         for name in hits:
             if name in assigned:
                 raise SpecError(f"space.groups[{i}].targets",
@@ -72,6 +94,8 @@ def build_units(space: SpaceSpec, layer_names: list[str]) -> list[Unit]:
             key = name
         elif space.tie == "block" and block is not None:
             key = f"{group.name}.b{block}"
+        elif space.tie == "type":
+            key = f"{group.name}.{layer_type(name)}"
         else:
             key = group.name
         units.setdefault(key, []).append(name)
@@ -79,23 +103,55 @@ def build_units(space: SpaceSpec, layer_names: list[str]) -> list[Unit]:
     return [Unit(key, groups[key], tuple(names)) for key, names in units.items()]
 
 
-def suggest_plan(trial, units: list[Unit], mlgru_blocks: tuple[int, ...] = ()) -> ModelPlan:
-    """Ask an Optuna trial for each unit's choices (and each MLGRU-eligible block's mixer); return the plan."""
+def _choices(unit: Unit) -> dict[str, list[str]]:
+    """Parameter suffix -> allowed values of a unit (in the group's order)."""
+    g = unit.group
+    return {"sparsity": [sparsity_name(s) for s in g.sparsity], "format": [f.name for f in g.formats],
+            "prune": list(g.prune), "quant": list(g.quant)}
+
+
+def distributions(units: list[Unit], mlgru_blocks: tuple[int, ...] = ()) -> dict[str, CategoricalDistribution]:
+    """The Optuna parameters of the space: one categorical per unit field with more than one choice,
+    and one per MLGRU-eligible block."""
+    out = {}
+    for unit in units:
+        for field, choices in _choices(unit).items():
+            if len(choices) > 1:
+                out[f"{unit.key}.{field}"] = CategoricalDistribution(choices)
+    for i in mlgru_blocks:
+        out[f"b{i}.mixer"] = CategoricalDistribution(MIXERS)
+    return out
+
+
+def plan_from_params(params: dict, units: list[Unit], mlgru_blocks: tuple[int, ...] = ()) -> ModelPlan:
+    """The plan a parameter dict describes; a field without a parameter takes its group's only value."""
     layers = []
     for unit in units:
-        group = unit.group
-        sparsity = Sparsity.parse(_suggest(trial, f"{unit.key}.sparsity", [sparsity_name(s) for s in group.sparsity]))
-        first = group.formats[0]
-        fmt = WeightFormat(_suggest(trial, f"{unit.key}.format", [f.name for f in group.formats]),
-                           first.group_size, first.symmetric)
-        prune = _suggest(trial, f"{unit.key}.prune", list(group.prune))
-        quant = _suggest(trial, f"{unit.key}.quant", list(group.quant))
-        if quant == "refit" and not fmt.is_ternary:
-            quant = "rtn"
-        layers.extend(LayerPlan(name, sparsity, fmt, prune, quant) for name in unit.layers)
-    blocks = tuple(BlockPlan(i, _suggest(trial, f"b{i}.mixer", ["attention", "mlgru"])) for i in mlgru_blocks)
-    return ModelPlan(layers=tuple(layers), blocks=tuple(bp for bp in blocks if bp.mixer == "mlgru"))
+        choice = {field: params.get(f"{unit.key}.{field}", values[0]) for field, values in _choices(unit).items()}
+        first = unit.group.formats[0]
+        fmt = WeightFormat(choice["format"], first.group_size, first.symmetric)
+        quant = "rtn" if choice["quant"] == "refit" and not fmt.is_ternary else choice["quant"]
+        sparsity = Sparsity.parse(choice["sparsity"])
+        layers.extend(LayerPlan(name, sparsity, fmt, choice["prune"], quant) for name in unit.layers)
+    blocks = tuple(BlockPlan(i, "mlgru") for i in mlgru_blocks if params.get(f"b{i}.mixer") == "mlgru")
+    return ModelPlan(layers=tuple(layers), blocks=blocks)
 
 
-def _suggest(trial, name: str, choices: list[str]) -> str:
-    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices)
+def unit_params(unit: Unit, **choice: str) -> dict[str, str]:
+    """Parameters giving ``unit`` the named values (``sparsity='2:4', format='4'``...); a field with one
+    allowed value needs none. Raises ValueError when the group does not allow a value."""
+    allowed = _choices(unit)
+    out = {}
+    for field, value in choice.items():
+        if value not in allowed[field]:
+            raise ValueError(f"{unit.key}: {field} {value!r} is not allowed (allowed: {allowed[field]})")
+        if len(allowed[field]) > 1:
+            out[f"{unit.key}.{field}"] = value
+    return out
+
+
+def suggest_plan(trial, units: list[Unit], mlgru_blocks: tuple[int, ...] = ()) -> ModelPlan:
+    """Ask an Optuna trial for each parameter of :func:`distributions`; return the plan."""
+    params = {name: trial.suggest_categorical(name, dist.choices)
+              for name, dist in distributions(units, mlgru_blocks).items()}
+    return plan_from_params(params, units, mlgru_blocks)

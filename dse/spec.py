@@ -18,10 +18,15 @@ import yaml
 from dse.plan import FORMAT_NAMES, PRUNE_METHODS, QUANT_METHODS, PlanError, Sparsity, WeightFormat
 
 SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random")
-TIE_MODES = ("layer", "block", "group")
+TIE_MODES = ("layer", "block", "type", "group")
 DIRECTIONS = ("maximize", "minimize")
 ACCURACY = "accuracy"
-"""Objective name for the mean of the tasks' chosen metrics (each in [0, 1])."""
+"""Objective name for the mean of the tasks' chosen metrics (each in [0, 1]): the full lm-eval fidelity."""
+PROXY_KL = "proxy_kl"
+"""Objective name for the proxy fidelity: KL (nats/token) of the compressed model's next-token
+distribution from the dense model's on the proxy tokens."""
+MODEL_OBJECTIVES = {ACCURACY: "maximize", PROXY_KL: "minimize"}
+"""Objectives measured on the compressed model (the rest come from the hardware report)."""
 CONSTRAINT_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
@@ -61,11 +66,16 @@ class LayerGroup:
 
 @dataclass(frozen=True)
 class SpaceSpec:
-    """The search space: layer groups, how choices are tied, and which blocks may use MLGRU."""
+    """The search space: layer groups, how choices are tied, which blocks may use MLGRU, and layers
+    kept FP16 dense whatever the groups say (regexes, full match)."""
 
     groups: tuple[LayerGroup, ...]
     tie: str = "block"
     mlgru_blocks: tuple[int, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def ignored(self, layer_name: str) -> bool:
+        return any(re.fullmatch(pattern, layer_name) for pattern in self.ignore)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,26 @@ class ProxySpec:
 
 
 @dataclass(frozen=True)
+class PromotionSpec:
+    """When the Pareto set of the proxy fidelity is evaluated on the full lm-eval tasks: every ``every``
+    completed trials (0: never during the run) and, if ``final``, once the budget is reached."""
+
+    every: int = 8
+    final: bool = True
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """Plans enqueued before the sampler proposes any: the dense model and the uniform plans of the
+    published systems the space allows (``baselines``), and plans built from a ``dse sensitivity``
+    result (``sensitivity``: its sensitivity.json; default ``sensitivity-<study>/sensitivity.json``
+    when that file exists)."""
+
+    baselines: bool = True
+    sensitivity: str | None = None
+
+
+@dataclass(frozen=True)
 class StudySpec:
     study: str
     model: str
@@ -137,6 +167,9 @@ class StudySpec:
     ray_address: str | None = None
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     proxy: ProxySpec = field(default_factory=ProxySpec)
+    promotion: PromotionSpec = field(default_factory=PromotionSpec)
+    warm_start: WarmStartSpec = field(default_factory=WarmStartSpec)
+    heartbeat_s: float = 10.0     # driver heartbeat per running trial; a trial silent for 3x this is stale
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (stored as a study user attribute)."""
@@ -271,7 +304,7 @@ def _group(item: Any, index: int) -> LayerGroup:
 
 
 def _space(value: Any) -> SpaceSpec:
-    d = _check_keys(value, "space", ("groups", "tie", "mlgru_blocks"), ("groups",))
+    d = _check_keys(value, "space", ("groups", "tie", "mlgru_blocks", "ignore"), ("groups",))
     groups = tuple(_group(g, i) for i, g in enumerate(_list(d["groups"], "space.groups")))
     names = [g.name for g in groups]
     for i, name in enumerate(names):
@@ -283,7 +316,16 @@ def _space(value: Any) -> SpaceSpec:
     blocks = tuple(_int(b, f"space.mlgru_blocks[{i}]", 0) for i, b in enumerate(mlgru))
     if len(set(blocks)) != len(blocks):
         raise SpecError("space.mlgru_blocks", "lists a block twice")
-    return SpaceSpec(groups, _choice(d.get("tie", "block"), "space.tie", TIE_MODES), blocks)
+    ignore = d.get("ignore") or []
+    if not isinstance(ignore, list):
+        raise SpecError("space.ignore", "expected a list of regexes such as ['lm_head']")
+    for i, pattern in enumerate(ignore):
+        try:
+            re.compile(_str(pattern, f"space.ignore[{i}]"))
+        except re.error as err:
+            raise SpecError(f"space.ignore[{i}]", f"invalid regular expression: {err}") from None
+    return SpaceSpec(groups, _choice(d.get("tie", "block"), "space.tie", TIE_MODES), blocks,
+                     tuple(p.strip() for p in ignore))
 
 
 def _hardware(value: Any) -> dict:
@@ -308,7 +350,7 @@ def _hardware_metrics() -> dict[str, str]:
 
 def _objectives(value: Any) -> tuple[Objective, ...]:
     hw = _hardware_metrics()
-    allowed = (ACCURACY, *hw)
+    allowed = (*MODEL_OBJECTIVES, *hw)
     out = []
     for i, item in enumerate(_list(value, "objectives")):
         path = f"objectives[{i}]"
@@ -316,10 +358,13 @@ def _objectives(value: Any) -> tuple[Objective, ...]:
             item = {"name": item}
         _check_keys(item, path, ("name", "direction"), ("name",))
         name = _choice(item["name"], f"{path}.name", allowed)
-        natural = "maximize" if name == ACCURACY else hw[name]
+        natural = MODEL_OBJECTIVES.get(name) or hw[name]
         out.append(Objective(name, _choice(item.get("direction", natural), f"{path}.direction", DIRECTIONS)))
     if len({o.name for o in out}) != len(out):
         raise SpecError("objectives", "an objective is listed twice")
+    if sum(o.name in MODEL_OBJECTIVES for o in out) > 1:
+        raise SpecError("objectives", f"give one of {', '.join(MODEL_OBJECTIVES)} (the proxy drives the search; "
+                                      "the Pareto set is promoted to the full tasks)")
     return tuple(out)
 
 
@@ -404,8 +449,34 @@ def _proxy(value: Any) -> ProxySpec:
                      seq_len=_int(d.get("seq_len", 256), "proxy.seq_len", 8, 8192))
 
 
+def _promotion(value: Any) -> PromotionSpec:
+    d = _check_keys(value or {}, "promotion", ("every", "final"))
+    final = d.get("final", True)
+    if not isinstance(final, bool):
+        raise SpecError("promotion.final", f"{final!r} is not true or false")
+    return PromotionSpec(every=_int(d.get("every", 8), "promotion.every", 0), final=final)
+
+
+def _warm_start(value: Any) -> WarmStartSpec:
+    d = _check_keys(value or {}, "warm_start", ("baselines", "sensitivity"))
+    baselines = d.get("baselines", True)
+    if not isinstance(baselines, bool):
+        raise SpecError("warm_start.baselines", f"{baselines!r} is not true or false")
+    path = d.get("sensitivity")
+    if path is not None and not Path(_str(path, "warm_start.sensitivity")).is_file():
+        raise SpecError("warm_start.sensitivity", f"'{path}' is not a file (write one with dse sensitivity)")
+    return WarmStartSpec(baselines, path)
+
+
+def _seconds(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 3600:
+        raise SpecError(path, f"{value!r} is not a number of seconds from 0.5 to 3600")
+    return float(value)
+
+
 TOP_LEVEL = ("study", "model", "tasks", "task_seed", "batch_size", "space", "hardware", "objectives",
-             "constraints", "sampler", "trials", "workers", "storage", "ray", "compression", "proxy")
+             "constraints", "sampler", "trials", "workers", "storage", "ray", "compression", "proxy",
+             "promotion", "warm_start", "heartbeat_s")
 
 
 def parse_spec(data: Any) -> StudySpec:
@@ -437,6 +508,9 @@ def parse_spec(data: Any) -> StudySpec:
         ray_address=address,
         compression=_compression(d.get("compression")),
         proxy=_proxy(d.get("proxy")),
+        promotion=_promotion(d.get("promotion")),
+        warm_start=_warm_start(d.get("warm_start")),
+        heartbeat_s=_seconds(d.get("heartbeat_s", 10.0), "heartbeat_s"),
     )
 
 

@@ -157,8 +157,7 @@ class PlanApplier:
         report = ApplyReport()
         layers = self.effective_layers(plan)
         mixers = sorted(bp.index for bp in plan.blocks if bp.mixer == "mlgru")
-        prefixes = self._prefix_digests(plan) if self.settings.mode == "sequential" else {}
-        keys = {lp.name: self._key(lp, prefixes) for lp in layers}
+        keys = self.layer_keys(plan)
         missing = [lp for lp in layers if not self.cache.layer_path(keys[lp.name]).exists()]
         absent = {lp.name for lp in missing}
         # Everything cached: layers the plan sets are overwritten anyway, so only the others need their
@@ -181,6 +180,12 @@ class PlanApplier:
                                        keys, sequential, report)
         report.seconds = time.perf_counter() - started
         return report
+
+    def layer_keys(self, plan: ModelPlan) -> dict[str, str]:
+        """Cache key of every compressed layer the plan implies (:meth:`effective_layers`, model order): the
+        entries :meth:`apply` loads or computes, e.g. for an export reading the stored :class:`PackedWeight`."""
+        prefixes = self._prefix_digests(plan) if self.settings.mode == "sequential" else {}
+        return {lp.name: self._key(lp, prefixes) for lp in self.effective_layers(plan)}
 
     def restore(self, keep=()) -> None:
         """Put back the dense weights (except of the layers in ``keep``), remove activation quantisers and

@@ -1,0 +1,106 @@
+"""Pareto fronts and hypervolume of stored trials (pure functions of trial values).
+
+Objectives are turned into losses (maximised ones negated) and, for the hypervolume,
+normalised per objective to [0, 1] between given bounds (``lo`` best, ``hi`` worst);
+the reference point is 1.1 in every normalised objective, so a plan at the worst bound
+still adds volume. The volume itself is Optuna's exact WFG computation
+(``optuna._hypervolume.compute_hypervolume``). Comparing two fronts needs the same
+bounds for both: :func:`bounds` of their union.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+from optuna._hypervolume import compute_hypervolume
+
+REFERENCE = 1.1
+"""Reference point of the hypervolume in every normalised objective."""
+
+
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """A completed trial that passed the hardware screen, was evaluated, and breaks no constraint."""
+    return (trial.state == optuna.trial.TrialState.COMPLETE and bool(trial.user_attrs.get("evaluated"))
+            and all(v <= 0 for v in trial.constraints.values()))
+
+
+def losses(values, directions) -> np.ndarray:
+    """Objective values (rows = trials) as losses: maximised objectives negated."""
+    signs = np.array([-1.0 if str(d).lower().endswith("maximize") else 1.0 for d in directions])
+    return np.asarray(values, dtype=float).reshape(-1, len(signs)) * signs
+
+
+def nondominated(loss: np.ndarray) -> np.ndarray:
+    """Boolean mask of rows no other row dominates (<= everywhere, < somewhere)."""
+    loss = np.asarray(loss, dtype=float)
+    mask = np.ones(len(loss), dtype=bool)
+    for i, row in enumerate(loss):
+        dominated_by = np.all(loss <= row, axis=1) & np.any(loss < row, axis=1)
+        mask[i] = not dominated_by.any()
+    return mask
+
+
+def dominates(a, b, directions) -> bool:
+    """Whether objective vector ``a`` Pareto-dominates ``b``."""
+    la, lb = losses([a], directions)[0], losses([b], directions)[0]
+    return bool(np.all(la <= lb) and np.any(la < lb))
+
+
+def bounds(loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-objective best and worst loss of the rows (the normalisation of :func:`hypervolume`)."""
+    loss = np.asarray(loss, dtype=float)
+    return loss.min(axis=0), loss.max(axis=0)
+
+
+def hypervolume(loss: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """Hypervolume of the rows, normalised between ``lo`` and ``hi``, against :data:`REFERENCE`."""
+    loss = np.asarray(loss, dtype=float)
+    if loss.size == 0:
+        return 0.0
+    span = np.where(hi > lo, hi - lo, 1.0)
+    scaled = (loss - lo) / span
+    inside = np.all(scaled < REFERENCE, axis=1)
+    if not inside.any():
+        return 0.0
+    points = scaled[inside]
+    return float(compute_hypervolume(points[nondominated(points)], np.full(loss.shape[1], REFERENCE),
+                                     assume_pareto=True))
+
+
+def trial_losses(trials, directions) -> np.ndarray:
+    return losses([t.values for t in trials], directions) if trials else np.zeros((0, len(directions)))
+
+
+def study_front(study: optuna.Study, trials=None) -> list[optuna.trial.FrozenTrial]:
+    """Feasible evaluated trials on the front (one per distinct objective vector), in trial order."""
+    trials = [t for t in (trials if trials is not None else study.get_trials(deepcopy=False)) if is_feasible(t)]
+    if not trials:
+        return []
+    loss = trial_losses(trials, study.directions)
+    mask = nondominated(loss)
+    seen, out = set(), []
+    for trial, keep in zip(trials, mask):
+        key = tuple(trial.values)
+        if keep and key not in seen:
+            seen.add(key)
+            out.append(trial)
+    return out
+
+
+def study_hypervolume(study: optuna.Study, trials=None) -> float:
+    """Hypervolume of the study's feasible trials, normalised by their own bounds (a progress figure)."""
+    trials = [t for t in (trials if trials is not None else study.get_trials(deepcopy=False)) if is_feasible(t)]
+    if not trials:
+        return 0.0
+    loss = trial_losses(trials, study.directions)
+    return hypervolume(loss, *bounds(loss))
+
+
+def hypervolume_history(study: optuna.Study) -> list[tuple[int, float]]:
+    """(trial number, hypervolume of the feasible trials up to it) with the final bounds throughout."""
+    trials = sorted((t for t in study.get_trials(deepcopy=False) if is_feasible(t)), key=lambda t: t.number)
+    if not trials:
+        return []
+    loss = trial_losses(trials, study.directions)
+    lo, hi = bounds(loss)
+    return [(t.number, hypervolume(loss[: i + 1], lo, hi)) for i, t in enumerate(trials)]
