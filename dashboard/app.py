@@ -16,6 +16,7 @@ import plotly.express as px
 import streamlit as st
 
 from dse.report import pareto_trials, state_counts, trial_row
+from dse.study import full_results
 
 REFRESH_S = 5
 
@@ -33,11 +34,14 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per completed trial, with ``status`` pareto | feasible | infeasible."""
+    """One row per completed trial (full-fidelity results where promoted), with ``status`` pareto | feasible |
+    infeasible; objective values a screened-out trial never measured (infinite proxy KL) are blank."""
     pareto = {t.number for t in pareto_trials(study)}
+    full = full_results(study)
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        row = trial_row(study, trial)
+        row = {k: (None if isinstance(v, float) and v == float("inf") else v)
+               for k, v in trial_row(study, trial, full.get(trial.number)).items()}
         evaluated = trial.user_attrs.get("evaluated")
         row["status"] = "pareto" if trial.number in pareto else ("feasible" if evaluated else "infeasible")
         rows.append(row)

@@ -48,7 +48,11 @@ class Claims:
         self.engine = engine or sa.create_engine(storage_url, poolclass=sa.pool.NullPool)
         self.study = study
         self.owner = uuid.uuid4().hex
-        _META.create_all(self.engine, checkfirst=True)
+        try:
+            _META.create_all(self.engine, checkfirst=True)
+        except sa.exc.DatabaseError:  # another driver created the table between our check and our CREATE
+            if not sa.inspect(self.engine).has_table(TABLE.name):
+                raise
 
     def claim(self, kind: str, key: str, trial: int) -> Claim | None:
         """Take the claim for ``trial``; returns None on success, else the current holder's claim."""

@@ -130,9 +130,12 @@ def plan_from_params(params: dict, units: list[Unit], mlgru_blocks: tuple[int, .
         choice = {field: params.get(f"{unit.key}.{field}", values[0]) for field, values in _choices(unit).items()}
         first = unit.group.formats[0]
         fmt = WeightFormat(choice["format"], first.group_size, first.symmetric)
-        quant = "rtn" if choice["quant"] == "refit" and not fmt.is_ternary else choice["quant"]
         sparsity = Sparsity.parse(choice["sparsity"])
-        layers.extend(LayerPlan(name, sparsity, fmt, choice["prune"], quant) for name in unit.layers)
+        # A method that cannot change the layer is normalised, so equal models get equal plans (and hashes):
+        # no mask -> no pruning method; FP16 weights or refit on non-ternary -> round-to-nearest.
+        prune = choice["prune"] if sparsity is not None else "magnitude"
+        quant = "rtn" if fmt.is_float or (choice["quant"] == "refit" and not fmt.is_ternary) else choice["quant"]
+        layers.extend(LayerPlan(name, sparsity, fmt, prune, quant) for name in unit.layers)
     blocks = tuple(BlockPlan(i, "mlgru") for i in mlgru_blocks if params.get(f"b{i}.mixer") == "mlgru")
     return ModelPlan(layers=tuple(layers), blocks=blocks)
 

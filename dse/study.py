@@ -110,10 +110,10 @@ def check_nm_widths(spec: StudySpec, in_features: dict[str, int], units: list[Un
                                     f"M={sparsity.m} does not divide in_features {in_features[name]} of {name}")
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded. Constraints reach every sampler through ``trial.set_constraint``
-    (Optuna 5 replaced the samplers' ``constraints_func`` argument by it)."""
-    seed = spec.sampler.seed
+def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded with ``sampler.seed + offset``. Constraints reach every sampler through
+    ``trial.set_constraint`` (Optuna 5 replaced the samplers' ``constraints_func`` argument by it)."""
+    seed = spec.sampler.seed + offset
     name = spec.sampler.name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -151,12 +151,14 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
     differ from the spec's. Safe when several drivers start at once: one creates, the others load."""
     spec = setup.spec
     storage = storage or make_storage(spec)
-    sampler = make_sampler(spec)
     try:
-        study = optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler,
+        study = optuna.create_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
                                     directions=spec.directions)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=spec.study, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=spec.study, storage=storage)
+        # A resumed (or second) driver continues the seed sequence instead of repeating the first
+        # proposals, which are already in the study: seed + number of trials so far (deterministic).
+        study.sampler = make_sampler(spec, offset=len(study.get_trials(deepcopy=False)))
         stored = _stored_spec(study)
         stored_objectives = [o["name"] for o in stored.get("objectives", [])]
         if stored_objectives != [o.name for o in spec.objectives]:

@@ -60,7 +60,7 @@ def _prefer(allowed: tuple[str, ...], value: str) -> str:
 
 def baselines(units: list[Unit], mlgru_blocks: tuple[int, ...]) -> list[WarmStart]:
     """The dense plan and each published uniform plan the space allows (module docstring)."""
-    dense = {}
+    dense = {f"b{i}.mixer": "attention" for i in mlgru_blocks}  # every parameter set: none left to the sampler
     for unit in units:
         dense.update(unit_params(unit, **_least_compressed(unit)))
     out = [WarmStart("dense", dense)]
@@ -116,7 +116,7 @@ def from_sensitivity(rows: list[dict], units: list[Unit], mlgru_blocks: tuple[in
     if not by_unit:
         return []
     # Every unit may also stay at its least compressed choice (KL 0 by definition of the scan).
-    base = {}
+    base = {f"b{i}.mixer": "attention" for i in mlgru_blocks}
     for unit in units:
         base.update(unit_params(unit, **_least_compressed(unit)))
     for key, options in by_unit.items():

@@ -29,8 +29,8 @@ the stream is bit ``t % 8`` (least significant first) of byte ``t // 8``.
   (the zero point); the mask below zeroes them.
 * ``<L>.scales``: float32 ``[rows, groups]`` (4 bytes each), ``groups = ceil(cols / scale_group)``; ternary:
   ``[1, 1]`` (absmean, per tensor) or ``[rows, 1]`` (refit, per output channel).
-* ``<L>.zeros``: uint8 ``[rows, groups]`` zero points (1 byte each), only for asymmetric formats;
-  symmetric INT-k has the implicit zero ``2**(k-1)`` and ternary ``1`` (``zero_point`` in the record).
+* ``<L>.zeros``: uint8 ``[rows, groups]`` zero points (1 byte each), for asymmetric formats; symmetric
+  INT-k has the implicit zero ``2**(k-1)`` and ternary ``1`` (``zero_point`` in the record, no tensor).
 * ``<L>.nm_mask``: uint8 ``[ceil(rows*cols/8)]`` bytes, one bit per weight, 1 = kept (N:M layers only).
 * ``<L>.values``: float32 ``[kept]`` (4 bytes each), only for format ``16`` with N:M sparsity: the kept
   weights in stream order (``kept`` = number of 1 bits of the mask); no ``qweight``/``scales`` then.

@@ -105,6 +105,8 @@ def check_packed(out, plan_layers):
                 assert scales.dtype == torch.float32
                 if record["format"] != "ternary":
                     assert scales.shape == (rows, math.ceil(cols / record["scale_group"]))
+                else:  # absmean per tensor, or refit per output channel
+                    assert scales.shape == ((rows, 1) if record["quant"] == "refit" else (1, 1))
                 assert (f"{name}.zeros" in keys) == (not record["symmetric"])
                 if not record["symmetric"]:
                     assert handle.get_tensor(f"{name}.zeros").dtype == torch.uint8
@@ -133,8 +135,12 @@ def check_packed(out, plan_layers):
 
 def mixed_plan(g, mlgru_block):
     """The mixed plan of the brief on blocks 0..2 and an MLGRU block, with quantisation groups of ``g`` inputs."""
-    attn = lambda b, p: f"model.layers.{b}.self_attn.{p}"  # noqa: E731
-    mlp = lambda b, p: f"model.layers.{b}.mlp.{p}"  # noqa: E731
+    def attn(block, proj):
+        return f"model.layers.{block}.self_attn.{proj}"
+
+    def mlp(block, proj):
+        return f"model.layers.{block}.mlp.{proj}"
+
     int4 = WeightFormat("4", g)
     layers = (
         LayerPlan(attn(0, "q_proj"), Sparsity(2, 4), int4, "sparsegpt", "gptq"),

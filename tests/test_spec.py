@@ -25,10 +25,11 @@ def example() -> dict:
 def test_example_spec_validates():
     spec = load_spec(EXAMPLE)
     assert spec.study == "smollm2-kv260-demo"
-    assert [o.name for o in spec.objectives] == ["accuracy", "decode_tokens_per_s", "j_per_token"]
-    assert spec.directions == ["maximize", "maximize", "minimize"]
+    assert [o.name for o in spec.objectives] == ["proxy_kl", "decode_tokens_per_s", "j_per_token"]
+    assert spec.directions == ["minimize", "maximize", "minimize"]
     mlp = spec.space.groups[1]
-    assert mlp.sparsity == (None, Sparsity(4, 8))
+    assert mlp.sparsity == (None, Sparsity(2, 4), Sparsity(4, 8))
+    assert spec.promotion.every == 8 and spec.promotion.final and spec.warm_start.baselines
     assert mlp.formats == (WeightFormat("8", 64), WeightFormat("4", 64), WeightFormat("3", 64))
     assert spec.constraints[0].violation(150.0) < 0 < spec.constraints[0].violation(100.0)
     assert spec.sampler.name == "nsga2" and spec.workers == 2 and spec.storage.startswith("sqlite:///")
@@ -56,10 +57,17 @@ INVALID = [
     ("space.groups.0.formats.1", 9, "space.groups[0].formats[1]: 9 is not one of 16, 8, 7, 6, 5, 4, 3, 2, ternary"),
     ("space.groups.0.targets", "model.(layers", "space.groups[0].targets: invalid regular expression"),
     ("space.groups.0.group_size", 0, "space.groups[0].group_size: 0 is not an integer >= 1"),
-    ("space.tie", "module", "space.tie: 'module' is not one of layer, block, group"),
+    ("space.tie", "module", "space.tie: 'module' is not one of layer, block, type, group"),
+    ("space.ignore", "lm_head", "space.ignore: expected a list of regexes such as ['lm_head']"),
+    ("space.ignore", ["lm_(head"], "space.ignore[0]: invalid regular expression"),
+    ("objectives.1", {"name": "accuracy"}, "objectives: give one of accuracy, proxy_kl (the proxy drives the search"),
+    ("promotion.every", -1, "promotion.every: -1 is not an integer >= 0"),
+    ("promotion.final", "yes", "promotion.final: 'yes' is not true or false"),
+    ("warm_start.sensitivity", "nowhere.json", "warm_start.sensitivity: 'nowhere.json' is not a file"),
+    ("heartbeat_s", 0, "heartbeat_s: 0 is not a number of seconds from 0.5 to 3600"),
     ("hardware.device", "alveo-u999", "hardware.device: 'alveo-u999'"),
     ("hardware.weights", "cached", "hardware.weights: 'cached'"),
-    ("objectives.1.name", "speed", "objectives[1].name: 'speed' is not one of accuracy, decode_tokens_per_s"),
+    ("objectives.1.name", "speed", "objectives[1].name: 'speed' is not one of accuracy, proxy_kl, decode_tokens_per_s"),
     ("objectives.2.direction", "lower", "objectives[2].direction: 'lower' is not one of maximize, minimize"),
     ("constraints.0", "decode_tokens_per_s > 100", "constraints[0]: 'decode_tokens_per_s > 100' is not '<metric> <=|>= <number>'"),
     ("sampler.name", "cmaes", "sampler.name: 'cmaes' is not one of nsga2, nsga3, tpe, gp, random"),
@@ -110,7 +118,7 @@ def test_spec_rejections_in_a_real_process(tmp_path):
     data["storage"] = f"sqlite:///{tmp_path / 'x.db'}"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     (tmp_path / "broken.yaml").write_text("study: [unclosed\n")
-    for name, expected in (("bad.yaml", "space.groups[1].sparsity[2]: '5:4' is not N:M with 0 < N < M"),
+    for name, expected in (("bad.yaml", "space.groups[1].sparsity[3]: '5:4' is not N:M with 0 < N < M"),
                            ("broken.yaml", "not valid YAML at line 2"),
                            ("missing.yaml", "spec file")):
         proc = subprocess.run([sys.executable, "-m", "dse.cli", "start", str(tmp_path / name)],
