@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -22,13 +23,19 @@ from evaluators.checkpoint import (CheckpointError, load_checkpoint, pack_codes,
                                    unpack_codes, unpack_mask, write_checkpoint)
 from evaluators.compress import PlanApplier
 from evaluators.compress.cache import CompressionCache, model_fingerprint
-from evaluators.compress.packed import pack_bits
 from evaluators.models import DEFAULT_MODEL, load_model, resolve_model_path
 
 SPEC = CompressionSpec(distill_steps=20, windows=2, seq_len=64)
 
 
 # ---------------------------------------------------------------------------------------------- bit streams
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference stream built bit by bit with numpy: each code's low ``bits`` bits, least significant first."""
+    flat = codes.reshape(-1).to(torch.uint8).numpy()
+    planes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("count", [1, 7, 8, 13, 64, 1001])

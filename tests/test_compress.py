@@ -17,7 +17,6 @@ from evaluators.compress import PlanApplier, PlanApplyError, compress_layer, nee
 from evaluators.compress.cache import CompressionCache
 from evaluators.compress.calibration import CalibrationSet, collect_hessians
 from evaluators.compress.grid import int_grid, quantize, rtn
-from evaluators.compress.packed import pack_bits, unpack_bits
 from evaluators.compress.prune import nm_mask_magnitude, nm_mask_wanda
 from evaluators.compress.ternary import quantize_activations, refit_scales
 
@@ -144,14 +143,6 @@ def test_activation_quantiser_hand_worked():
     q = quantize_activations(x)
     assert q[0].tolist() == pytest.approx([2.0, -64 * 2 / 127, 32 * 2 / 127])
     assert q[1, 2].item() == pytest.approx(-0.02) and q[1, 0].item() == pytest.approx(round(63.5) * 0.02 / 127)
-
-
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_pack_bits_round_trip(bits):
-    codes = torch.randint(0, 2**bits, (37,))
-    stream = pack_bits(codes, bits)
-    assert stream.numel() == (37 * bits + 7) // 8
-    assert torch.equal(unpack_bits(stream, bits, 37).long(), codes)
 
 
 def test_needs_calibration():

@@ -100,8 +100,9 @@ def test_study_on_postgresql(ray_session):
             pass
 
 
-def test_stored_proxy_equals_a_fresh_evaluation_of_the_plan(sqlite_study):
-    """Re-apply one evaluated trial's plan in this process and measure the proxy independently of the driver."""
+def test_stored_proxy_and_exported_checkpoint_match_a_fresh_evaluation(sqlite_study, tmp_path):
+    """Re-apply one evaluated trial's plan in this process: its proxy equals what the driver stored, and the
+    checkpoint `dse export --checkpoint` writes reloads with logits equal to this model's to 1e-5."""
     import torch
 
     from dse.plan import ModelPlan
@@ -111,7 +112,8 @@ def test_stored_proxy_equals_a_fresh_evaluation_of_the_plan(sqlite_study):
 
     study, url = sqlite_study
     spec = parse_spec(small_spec(url, "e2e-sqlite"))
-    trial = next(t for t in study.trials if t.user_attrs.get("evaluated") and "duplicate_of" not in t.user_attrs)
+    trial = max((t for t in study.trials if t.user_attrs.get("evaluated") and "duplicate_of" not in t.user_attrs),
+                key=lambda t: len(t.user_attrs["plan_summary"]))  # the most varied plan
     torch.set_num_threads(1)
     model, tokenizer = load_model(spec.model)
     proxy = ProxySet.build(tokenizer, spec.proxy.windows, spec.proxy.seq_len)
@@ -120,6 +122,16 @@ def test_stored_proxy_equals_a_fresh_evaluation_of_the_plan(sqlite_study):
     result = proxy_eval(model, proxy, reference)
     assert result.metric("proxy", "kl") == pytest.approx(trial.values[0], rel=1e-4, abs=1e-6)
     assert result.metric("proxy", "ppl") == pytest.approx(trial.user_attrs["eval"]["proxy"]["ppl"], rel=1e-4)
+
+    from evaluators.checkpoint import load_checkpoint
+
+    assert main(["export", "e2e-sqlite", "--storage", url, "--trial", str(trial.number), "--checkpoint",
+                 "--out", str(tmp_path)]) == 0
+    loaded, _ = load_checkpoint(tmp_path / "checkpoint")
+    ids = proxy.input_ids[:, :32]
+    with torch.inference_mode():
+        expected, got = model(ids).logits, loaded(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-5
 
 
 def test_status_and_export(sqlite_study, capsys, tmp_path):

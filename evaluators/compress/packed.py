@@ -10,9 +10,9 @@ measured on exactly the values a packed export holds.
 * ternary: ``codes`` in ``{0, 1, 2}`` (value ``code - 1``), ``zeros`` 1, ``scales`` ``[1, 1]``
   (absmean, per tensor) or ``[out, 1]`` (least-squares refit, per output channel).
 
-:func:`pack_bits` / :func:`unpack_bits` give the dense bit-packed code stream (``bits`` per
-weight, little-endian within each byte) for export; :func:`pack_containers` keeps codes in
-2-, 4- or 8-bit byte-aligned containers, which unpack an order of magnitude faster (the layer cache).
+:func:`pack_containers` keeps codes in 2-, 4- or 8-bit byte-aligned containers, which unpack
+fast (the layer cache); the dense ``bits``-per-weight stream of exported checkpoints is
+:func:`evaluators.checkpoint.pack_codes`.
 """
 
 from __future__ import annotations
@@ -85,19 +85,6 @@ class PackedWeight:
         return PackedWeight(fmt=fmt, codes=tensors.get("codes"), scales=tensors.get("scales"),
                             zeros=tensors.get("zeros"), group_size=int(metadata["scale_group"]),
                             mask=None if mask is None else mask.bool(), values=tensors.get("values"))
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Flatten integer ``codes`` (< 2**bits) into a uint8 stream of ``bits`` bits each, little-endian."""
-    flat = codes.reshape(-1).to(torch.uint8).numpy()
-    planes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
-
-
-def unpack_bits(stream: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``count`` codes as a uint8 tensor."""
-    planes = np.unpackbits(stream.numpy(), bitorder="little")[: count * bits].reshape(count, bits)
-    return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little")[:, 0])
 
 
 def container_bits(bits: int) -> int:
