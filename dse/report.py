@@ -88,7 +88,8 @@ def pareto_table(study: optuna.Study, trials=None) -> str:
     tasks = spec.get("tasks", [])
     task_cols = [f"{t['name']}.{t['metric']}" for t in tasks] if len(tasks) > 1 else []
     extra = [] if "accuracy" in names else ["full_accuracy"]
-    return format_table(rows, ["trial", *names, "weight_MB", *extra, *task_cols, "warm_start", "plan"])
+    columns = ["trial", *names, "weight_MB", *extra, *task_cols, "warm_start", "plan"]
+    return format_table(rows, [c for c in columns if any(row.get(c) is not None for row in rows)] or columns)
 
 
 def hypervolume_line(study: optuna.Study, trials=None) -> str:

@@ -202,3 +202,31 @@ def test_metric_lm_eval_does_not_report_stops_the_study_with_one_line(sqlite_stu
     # three failures in a row stop the driver; the other worker's trial in flight is failed too (and its plan
     # re-enqueued, as are the warm starts not yet run), none left RUNNING
     assert states.count("FAIL") in (3, 4) and set(states) <= {"FAIL", "WAITING"}
+
+
+def test_export_picks_and_where_against_brute_force(sqlite_study, capsys, tmp_path):
+    """Each --pick equals the brute-force choice over the stored feasible trials; --where filters first."""
+    import numpy as np
+
+    from dse.export import choose_trial
+
+    study, url = sqlite_study
+    feasible = [t for t in study.get_trials() if t.state.name == "COMPLETE" and t.user_attrs["evaluated"]]
+    hw = {t.number: t.user_attrs["hw"] for t in feasible}
+    assert choose_trial(study, pick="min-latency").number == min(hw, key=lambda n: hw[n]["decode_ms_per_token"])
+    assert choose_trial(study, pick="min-energy").number == min(hw, key=lambda n: hw[n]["j_per_token"])
+    # knee: nearest to the ideal point with every objective scaled to [0, 1] over the front (losses: -tokens/s)
+    front = pareto_trials(study)
+    loss = np.array([[t.values[0], -t.values[1], t.values[2]] for t in front])
+    scaled = (loss - loss.min(0)) / np.where(np.ptp(loss, 0) > 0, np.ptp(loss, 0), 1)
+    assert choose_trial(study, pick="knee").number == front[int(np.argmin((scaled ** 2).sum(1)))].number
+    slowest = min(hw[n]["decode_tokens_per_s"] for n in hw)
+    where = [f"decode_tokens_per_s>={slowest + 1e-6}"]
+    allowed = {n for n in hw if hw[n]["decode_tokens_per_s"] >= slowest + 1e-6}
+    if allowed:
+        assert choose_trial(study, pick="min-energy", where=where).number in allowed
+    assert main(["export", "e2e-sqlite", "--storage", url, "--where", "decode_tokens_per_s>=1e9",
+                 "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --where: no feasible trial of study 'e2e-sqlite' has decode_tokens_per_s >= 1e+09\n"
+    assert not (tmp_path / "none").exists()
