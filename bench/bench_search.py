@@ -50,7 +50,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dse.pareto import bounds, dominates, hypervolume, is_feasible, study_front, trial_losses  # noqa: E402
+from dse.pareto import bounds, dominates, hypervolume, is_feasible, losses, study_front, trial_losses  # noqa: E402
 from dse.report import pareto_table  # noqa: E402
 from dse.spec import SpecError, StudySpec, parse_spec  # noqa: E402
 from dse.study import completed, prepare, run_study  # noqa: E402
@@ -240,7 +240,7 @@ def main() -> int:
                 if key == "ours":
                     all_dominated = False
                 continue
-            best = min(better, key=lambda t: t.values[0] if directions[0] == "minimize" else -t.values[0])
+            best = min(better, key=lambda t: losses([t.values], directions)[0, 0])  # best on the first objective
             print(f"    {who} dominated by {len(better)} trial(s), e.g. trial {best.number}: "
                   f"{values_text(best.values, names)}; {mixers_text(best)}; {plan_text(best)}")
     print(f"every uniform baseline dominated by another trial of (a): {'yes' if all_dominated else 'NO'}")

@@ -24,9 +24,16 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
             and all(v <= 0 for v in trial.constraints.values()))
 
 
+def _maximised(direction) -> bool:
+    """For ``StudyDirection`` members (an IntEnum: ``str()`` gives a number) and direction names alike."""
+    if isinstance(direction, optuna.study.StudyDirection):
+        return direction == optuna.study.StudyDirection.MAXIMIZE
+    return str(direction).lower() == "maximize"
+
+
 def losses(values, directions) -> np.ndarray:
     """Objective values (rows = trials) as losses: maximised objectives negated."""
-    signs = np.array([-1.0 if str(d).lower().endswith("maximize") else 1.0 for d in directions])
+    signs = np.array([-1.0 if _maximised(d) else 1.0 for d in directions])
     return np.asarray(values, dtype=float).reshape(-1, len(signs)) * signs
 
 

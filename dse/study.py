@@ -520,6 +520,21 @@ def _plan_json(trial) -> str:
     return json.dumps(trial.user_attrs["plan"])
 
 
+def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why a ``host:port`` (or ``ray://host:port``) Ray address does not accept connections, else None
+    (Ray itself retries an unreachable address for minutes). ``auto`` and other forms are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
 def start_actors(spec: StudySpec) -> list:
     """Connect to Ray (the spec's ``ray.address``, else $RAY_ADDRESS, else a local instance) and start
     ``spec.workers`` evaluator actors, one model each."""
@@ -530,7 +545,16 @@ def start_actors(spec: StudySpec) -> list:
     address = spec.ray_address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            source = "ray.address" if spec.ray_address else "RAY_ADDRESS"
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no line per connection retry
+            problem = _unreachable(address)
+            if problem:
+                raise SpecError(source, f"cannot connect to the Ray cluster at '{address}': {problem}")
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                reason = str(err).strip().splitlines()[0][:200]
+                raise SpecError(source, f"cannot connect to the Ray cluster at '{address}': {reason}") from None
         else:
             ray.init(num_cpus=max(os.cpu_count() or 1, spec.workers * spec.threads_per_worker),
                      include_dashboard=False, log_to_driver=False)
@@ -550,11 +574,16 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
     from dse.claims import Claims
 
     setup = prepare(spec)
-    storage = make_storage(spec)
-    study = open_study(setup, storage)
+    actors = start_actors(spec)  # first: a Ray address that does not answer must not leave a new study behind
+    try:
+        storage = make_storage(spec)
+        study = open_study(setup, storage)
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
     claims = Claims(spec.storage, study.user_attrs.get("uid", spec.study))
     bar = tqdm(total=spec.trials, desc=spec.study, unit="trial", disable=not progress)
-    actors = start_actors(spec)
     try:
         Driver(setup, study, storage, actors, claims, bar).run()
     finally:

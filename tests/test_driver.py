@@ -154,3 +154,49 @@ def test_two_drivers_share_one_postgresql_study(tmp_path):
             optuna.delete_study(study_name=name, storage=PG_URL)
         except KeyError:
             pass
+
+
+def test_driver_uses_an_existing_ray_cluster(tmp_path):
+    """With RAY_ADDRESS set, the driver starts no Ray of its own: its actors run on the given cluster (a
+    head started here with ``ray start``), whose session logs hold the evaluating worker's process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path("/tmp") / f"dse-ray-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # no cluster token: Ray would otherwise share one token file (~/.ray/auth_token) with every local Ray
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             f"--temp-dir={temp}", "--block"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)
+    try:
+        db = f"sqlite:///{tmp_path / 'studies.db'}"
+        spec = write_spec(tmp_path, study="cluster", storage=db, trials=2, workers=1, constraints=[],
+                          warm_start={"baselines": False})
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not list(temp.glob("session_*/logs/raylet.out")):
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(0.5)
+        finish(start(spec, tmp_path / "cluster.log", env), tmp_path / "cluster.log")
+        trials = trials_of("cluster", db)
+        assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+        pid = trials[0].user_attrs["worker"].rsplit(":", 1)[1]
+        assert list(temp.glob(f"session_*/logs/worker-*-{pid}.*")), "the actor did not run on the given cluster"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def test_an_unreachable_ray_address_is_one_line_and_creates_no_study(tmp_path):
+    db = tmp_path / "studies.db"
+    spec = write_spec(tmp_path, study="noray", storage=f"sqlite:///{db}", ray={"address": "127.0.0.1:9"})
+    proc = subprocess.run([*DSE, "start", str(spec), "--no-progress"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ray.address: cannot connect to the Ray cluster at '127.0.0.1:9'"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not db.exists() or not optuna.get_all_study_names(f"sqlite:///{db}")

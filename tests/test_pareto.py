@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import optuna
 import pytest
 
 from dse.pareto import REFERENCE, bounds, dominates, hypervolume, losses, nondominated
@@ -13,6 +14,9 @@ from dse.pareto import REFERENCE, bounds, dominates, hypervolume, losses, nondom
 def test_losses_negate_maximised_objectives():
     got = losses([[0.5, 100.0, 2.0]], ["minimize", "maximize", "minimize"])
     assert got.tolist() == [[0.5, -100.0, 2.0]]
+    # a study's own directions are IntEnum members, whose str() is a number
+    study = optuna.create_study(directions=["minimize", "maximize", "minimize"])
+    assert losses([[0.5, 100.0, 2.0]], study.directions).tolist() == [[0.5, -100.0, 2.0]]
 
 
 def test_nondominated_and_dominates_by_hand():
