@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import optuna
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,26 +65,11 @@ def check_exact_and_unique(trials, budget: int) -> list:
     return evaluated
 
 
-@pytest.fixture
-def fresh_compress_cache(tmp_path):
-    """An environment whose cache root shares the converted model and text but has an empty layer cache."""
-    from evaluators.models import DEFAULT_MODEL, load_config
-    from evaluators.paths import cache_root
-
-    load_config(DEFAULT_MODEL)
-    shared, root = cache_root(), tmp_path / "cache-root"
-    root.mkdir()
-    for entry in shared.iterdir():
-        if entry.name != "compress":
-            (root / entry.name).symlink_to(entry)
-    return {**os.environ, "DSE_CACHE_DIR": str(root)}, root / "compress"
-
-
-def test_plans_that_do_not_fit_get_no_accuracy_evaluation(tmp_path, fresh_compress_cache):
+def test_plans_that_do_not_fit_get_no_accuracy_evaluation(tmp_path, empty_compress_cache):
     """With a budget no plan meets, every trial is told from the cost model alone: no trial holds an
     evaluation, and the workers' layer cache stays empty (nothing was ever compressed). The same cache then
     fills as soon as a study with feasible plans runs (so the empty cache is evidence, not a wrong path)."""
-    env, compress = fresh_compress_cache
+    env, compress = dict(os.environ), empty_compress_cache
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     spec = write_spec(tmp_path, study="nofit", storage=db, trials=10, constraints=["decode_tokens_per_s >= 1e6"])
     finish(start(spec, tmp_path / "nofit.log", env), tmp_path / "nofit.log")

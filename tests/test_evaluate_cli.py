@@ -61,23 +61,6 @@ def test_invalid_plans_exit_2_with_one_line(tmp_path, capsys, layer, message):
     assert not (tmp_path / "studies.db").exists()
 
 
-@pytest.fixture
-def empty_compress_cache(tmp_path, monkeypatch):
-    """A cache root sharing the converted model, text and tasks but with no compressed layers or scan results.
-
-    The CI machine keeps ``~/.cache/dse`` between runs, so the scan would otherwise find an earlier run's entries.
-    """
-    from evaluators.paths import cache_root
-
-    shared, root = cache_root(), tmp_path / "cache-root"
-    root.mkdir()
-    for entry in shared.iterdir():
-        if entry.name != "compress":
-            (root / entry.name).symlink_to(entry)
-    monkeypatch.setenv("DSE_CACHE_DIR", str(root))
-    return root / "compress"
-
-
 @pytest.mark.slow
 def test_sensitivity_scan_measures_caches_and_plots(tmp_path, capsys, empty_compress_cache):
     space = {"tie": "block", "mlgru_blocks": [1], "groups": [
