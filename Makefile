@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install browser demo test test-slow clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,16 +20,24 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+## Debian's Chromium and ChromeDriver for the dashboard's real-browser tests (root, or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(APT) install -y -qq chromium chromium-driver >/dev/null || \
+	    { $(APT) update -qq && $(APT) install -y -qq chromium chromium-driver >/dev/null; }; }
+
 ## The main job: a real search study on the embedded default; prints its Pareto table.
 demo: install
 	$(VENV)/bin/dse start examples/default.yaml
 
 ## The default test run (fast; heavier tests are marked slow).
-test: install
+test: install browser
 	$(PY) -m pytest
 
 ## The heavier tests on the real default model (CI runs them after `make test`).
-test-slow: install
+test-slow: install browser
 	$(PY) -m pytest -m slow
 
 clean:

@@ -1,7 +1,18 @@
-"""Streamlit Pareto dashboard: reads a study storage (never writes trials) and plots the fronts live.
+"""Streamlit Pareto dashboard: reads a study storage (never writes) and follows running studies live.
 
-Run through ``dse dashboard --storage URL``, which calls
-``streamlit run dashboard/app.py -- --storage URL`` (``$DSE_STORAGE`` is the default URL).
+Run through ``dse dashboard --storage URL`` (``streamlit run dashboard/app.py -- --storage URL``;
+``$DSE_STORAGE`` is the default URL). Views, chosen in the sidebar (and in the page address, so a
+view can be linked: ``?view=Study&study=NAME&trial=N``):
+
+* **Studies**: every study in the storage with its spec summary, trials per state, last update;
+* **Study**: the Pareto front on any two axes, a 3-objective view, hypervolume against trial number
+  and the sortable trial table, refreshed every few seconds while trials arrive;
+* **Trial**: the plan map, the per-layer hardware breakdown, resources against the device, the
+  evaluation by task, and the ``dse export`` bundle as a download;
+* **Compare**: two trials side by side.
+
+Data access is in :mod:`dse.reader` (light, incremental trial reads) and :mod:`dashboard.data`;
+figures in :mod:`dashboard.charts`.
 """
 
 from __future__ import annotations
@@ -9,16 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timezone
 
 import optuna
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
-from dse.report import pareto_trials, state_counts, trial_row
-from dse.study import full_results
+from dashboard import charts, data
+from dse.reader import StorageError, TrialReader, existing_storage, study_overviews
 
 REFRESH_S = 5
+VIEWS = ("Studies", "Study", "Trial", "Compare")
 
 
 def storage_url() -> str:
@@ -28,73 +40,240 @@ def storage_url() -> str:
     return args.storage
 
 
-@st.cache_resource
+@st.cache_resource(show_spinner=False)
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    """The storage, opened once per URL; raises StorageError (creating nothing) if it holds no studies."""
+    return existing_storage(url)
 
 
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per completed trial (full-fidelity results where promoted), with ``status`` pareto | feasible |
-    infeasible; objective values a screened-out trial never measured (infinite proxy KL) are blank."""
-    pareto = {t.number for t in pareto_trials(study)}
-    full = full_results(study)
+@st.cache_resource(show_spinner=False)
+def reader_for(url: str, study_id: int) -> TrialReader:
+    """One incremental reader per study, shared by every browser session."""
+    return TrialReader(open_storage(url), study_id)
+
+
+def load(url: str, name: str, study_id: int) -> tuple[optuna.Study, list, pd.DataFrame]:
+    """The study (attributes only), its light trials and their table."""
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    trials = reader_for(url, study_id).trials()
+    return study, trials, data.trials_frame(study, trials)
+
+
+def _param(key: str, default=None):
+    return st.query_params.get(key, default)
+
+
+# ------------------------------------------------------------------ views
+def studies_view(url: str) -> None:
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        row = {k: (None if isinstance(v, float) and v == float("inf") else v)
-               for k, v in trial_row(study, trial, full.get(trial.number)).items()}
-        evaluated = trial.user_attrs.get("evaluated")
-        row["status"] = "pareto" if trial.number in pareto else ("feasible" if evaluated else "infeasible")
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for o in study_overviews(open_storage(url)):
+        spec = o.user_attrs.get("spec", {})
+        sampler = spec.get("sampler", {})
+        rows.append({
+            "study": o.name, "model": spec.get("model") or o.user_attrs.get("model"),
+            "device": spec.get("hardware", {}).get("device") or o.user_attrs.get("device"),
+            "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in zip(o.metric_names or
+                                                                    [f"objective{i}" for i in range(len(o.directions))],
+                                                                    o.directions)),
+            "sampler": sampler.get("name"), "budget": spec.get("trials"),
+            **{state.lower(): o.states.get(state, 0) for state in ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")},
+            "last update (UTC)": o.last_update.replace(tzinfo=timezone.utc) if o.last_update else None,
+        })
+    st.subheader("Studies")
+    st.caption(f"{len(rows)} studies in {_display(url)}")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="studies-table")
 
 
-def study_view(storage: optuna.storages.RDBStorage, name: str) -> None:
-    study = optuna.load_study(study_name=name, storage=storage)
+def study_view(url: str, name: str, study_id: int) -> None:
+    study, trials, frame = load(url, name, study_id)
     spec = study.user_attrs.get("spec", {})
-    counts = state_counts(study)
     st.subheader(name)
-    st.caption(f"model {spec.get('model')} · device {spec.get('hardware', {}).get('device')} · "
-               + " · ".join(f"{k.lower()} {v}" for k, v in counts.items() if v))
-    frame = trials_frame(study)
+    st.caption(f"model {spec.get('model') or study.user_attrs.get('model')} · device "
+               f"{spec.get('hardware', {}).get('device') or study.user_attrs.get('device')} · objectives "
+               + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(study.metric_names or [], study.directions)))
     if frame.empty:
-        st.info("No completed trials yet; this page refreshes by itself.")
+        st.info("No trials yet; this page refreshes by itself.")
         return
-    numeric = [c for c in frame.columns if c not in ("trial", "plan", "status") and pd.api.types.is_numeric_dtype(frame[c])]
-    metric_names = list(study.metric_names or numeric[:2])
+    counts = frame["status"].value_counts()
+    hv = data.hypervolume_frame(study, trials)
+    cols = st.columns(6)
+    for col, (label, value) in zip(cols, (
+            ("complete", int((frame["status"].isin(("pareto", "feasible", "infeasible", "unrecorded"))).sum())),
+            ("feasible", int(counts.get("pareto", 0) + counts.get("feasible", 0))),
+            ("infeasible", int(counts.get("infeasible", 0))), ("Pareto", int(counts.get("pareto", 0))),
+            ("running", int(counts.get("running", 0))),
+            ("hypervolume", f"{hv['hypervolume'].iloc[-1]:.4f}" if len(hv) else "—"))):
+        col.metric(label, value)
+    options = data.axis_options(frame)
+    if len(options) < 2:
+        st.info("Not enough measured quantities to plot yet.")
+    else:
+        objectives = [n for n in (study.metric_names or []) if n in options] or options
+        left, right = st.columns(2)
+        x = left.selectbox("x axis", options, key=f"x-{name}", format_func=_axis_label,
+                           index=options.index(objectives[1]) if len(objectives) > 1 else 1)
+        y = right.selectbox("y axis", options, key=f"y-{name}", format_func=_axis_label,
+                            index=options.index(objectives[0]))
+        st.plotly_chart(charts.pareto_scatter(frame, x, y), key=f"pareto-{name}", width="stretch")
+        unplotted = frame[(frame["status"] == "infeasible") & frame[[x, y]].isna().any(axis=1)]
+        if len(unplotted):
+            st.caption(f"{len(unplotted)} infeasible trials were screened out before evaluation and have no "
+                       f"{', '.join(a for a in (x, y) if a in data.MODEL_AXES)}; pick two hardware axes to see them.")
+        left, right = st.columns(2)
+        with left:
+            default3 = (objectives + [o for o in options if o not in objectives])[:3]
+            axes3 = st.multiselect("3-objective view", options, default=default3, max_selections=3,
+                                   key=f"xyz-{name}", format_func=_axis_label)
+            if len(axes3) == 3:
+                st.plotly_chart(charts.pareto_3d(frame, axes3), key=f"pareto3d-{name}", width="stretch")
+        with right:
+            if len(hv):
+                st.plotly_chart(charts.hypervolume_chart(hv), key=f"hv-{name}", width="stretch")
+    st.markdown("**Trials** (click a column header to sort)")
+    st.dataframe(frame, hide_index=True, width="stretch", key=f"table-{name}",
+                 column_config={"finished": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
+
+
+def _axis_label(name: str) -> str:
+    return data.AXES.get(name, (name,))[0]
+
+
+def _display(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _trial_choices(frame: pd.DataFrame) -> list[int]:
+    done = frame[frame["status"].isin(("pareto", "feasible", "infeasible", "unrecorded"))]
+    pareto = done[done["status"] == "pareto"]["trial"].tolist()
+    return pareto + [t for t in done["trial"].tolist() if t not in pareto]
+
+
+def _choice_label(frame: pd.DataFrame):
+    by_number = frame.set_index("trial")
+
+    def label(number: int) -> str:
+        row = by_number.loc[number]
+        extra = f" · {row['warm_start']}" if isinstance(row.get("warm_start"), str) else ""
+        return f"trial {number} · {row['status']}{extra}"
+    return label
+
+
+def full_trial(url: str, trials, number: int) -> optuna.trial.FrozenTrial:
+    """One trial with every attribute (plan, per-layer report), through Optuna's storage API."""
+    trial_id = next(t._trial_id for t in trials if t.number == number)
+    return open_storage(url).get_trial(trial_id)
+
+
+def trial_details(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str) -> None:
+    from dse.study import full_result
+
+    hw = trial.user_attrs.get("hw", {})
+    plan = trial.user_attrs.get("plan")
+    if plan:
+        labels, bits = data.plan_grid(plan, study.user_attrs.get("workload"))
+        st.plotly_chart(charts.plan_map(labels, bits, f"Plan map, trial {trial.number}"), key=f"map-{key}",
+                        width="stretch")
+    else:
+        st.info("This trial has no stored plan.")
+    if hw:
+        st.plotly_chart(charts.resource_chart(data.resource_frame(hw), hw.get("device", "")), key=f"res-{key}",
+                        width="stretch")
+        layers = data.layer_frame(hw)
+        if len(layers):
+            bound = layers["bound"].value_counts()
+            st.caption(f"{bound.get('memory', 0)} memory-bound and {bound.get('compute', 0)} compute-bound rows; "
+                       f"{hw.get('decode_ms_per_token', float('nan')):.3f} ms per decode step at "
+                       f"{hw.get('clock_mhz', float('nan')):g} MHz")
+            st.plotly_chart(charts.layer_chart(layers), key=f"layers-{key}", width="stretch")
+            st.dataframe(layers, hide_index=True, width="stretch", key=f"layer-table-{key}")
+    else:
+        st.info("This trial has no stored hardware report.")
+    evaluation = data.evaluation_frame(trial.user_attrs, full_result(study, trial))
+    st.markdown("**Evaluation by task**")
+    if evaluation.empty:
+        st.caption("not evaluated (screened out by the cost model, or not finished)")
+    else:
+        st.dataframe(evaluation, hide_index=True, width="stretch", key=f"eval-{key}")
+
+
+def trial_view(url: str, name: str, study_id: int) -> None:
+    from dse.export import bundle_zip
+
+    study, trials, frame = load(url, name, study_id)
+    choices = _trial_choices(frame) if not frame.empty else []
+    if not choices:
+        st.info("No finished trials yet.")
+        return
+    wanted = _param("trial")
+    index = choices.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in choices else 0
+    number = st.selectbox("trial", choices, index=index, format_func=_choice_label(frame), key=f"trial-{name}")
+    st.query_params["trial"] = str(number)
+    trial = full_trial(url, trials, number)
+    row = frame.set_index("trial").loc[number]
+    st.subheader(f"{name}: trial {number}")
+    st.caption(f"{row['status']} · {row.get('plan', '')}")
+    if "plan" in trial.user_attrs:
+        st.download_button("Export bundle (plan.yaml, hw_report.json, evaluation.json, summary.txt)",
+                           bundle_zip(study, trial), file_name=f"{name}-trial{number}.zip",
+                           mime="application/zip", key=f"export-{name}-{number}", on_click="ignore")
+    trial_details(study, trial, f"{name}-{number}")
+
+
+def compare_view(url: str, name: str, study_id: int) -> None:
+    study, trials, frame = load(url, name, study_id)
+    choices = _trial_choices(frame) if not frame.empty else []
+    if len(choices) < 2:
+        st.info("Comparing needs two finished trials.")
+        return
+    label = _choice_label(frame)
     left, right = st.columns(2)
-    x = left.selectbox("x axis", numeric, index=numeric.index(metric_names[1]) if len(metric_names) > 1 else 0, key=f"x-{name}")
-    y = right.selectbox("y axis", numeric, index=numeric.index(metric_names[0]), key=f"y-{name}")
-    fig = px.scatter(frame, x=x, y=y, color="status", hover_data=["trial", "plan"],
-                     color_discrete_map={"pareto": "#d62728", "feasible": "#1f77b4", "infeasible": "#bbbbbb"},
-                     title="Pareto front")
-    front = frame[frame["status"] == "pareto"].sort_values(x)
-    fig.add_scatter(x=front[x], y=front[y], mode="lines", line={"color": "#d62728", "dash": "dot"},
-                    name="front", showlegend=False)
-    st.plotly_chart(fig, width="stretch", key=f"pareto-{name}")
-    st.dataframe(frame.sort_values("trial"), hide_index=True, width="stretch")
+    a = left.selectbox("trial A", choices, index=0, format_func=label, key=f"cmp-a-{name}")
+    b = right.selectbox("trial B", choices, index=1, format_func=label, key=f"cmp-b-{name}")
+    rows = frame.set_index("trial", drop=False)
+    st.markdown("**Figures**")
+    st.dataframe(data.compare_frame(rows.loc[a], rows.loc[b]), hide_index=True, width="stretch", key="cmp-figures")
+    ta, tb = full_trial(url, trials, a), full_trial(url, trials, b)
+    diff = data.plan_diff(ta.user_attrs.get("plan", {}), tb.user_attrs.get("plan", {}))
+    st.markdown(f"**Plan differences** ({len(diff)} units)")
+    st.dataframe(diff, hide_index=True, width="stretch", key="cmp-diff")
+    for col, trial in zip(st.columns(2), (ta, tb)):
+        with col:
+            trial_details(study, trial, f"cmp-{trial.number}")
 
 
+# ------------------------------------------------------------------ page
 def main() -> None:
     st.set_page_config(page_title="dse: Pareto dashboard", layout="wide")
     st.title("Hardware-aware compression studies")
     url = storage_url()
     try:
-        storage = open_storage(url)
-        summaries = optuna.study.get_all_study_summaries(storage)
-    except Exception as err:  # the storage is user input: show it, do not crash the page
-        st.error(f"cannot read storage {url}: {str(err).splitlines()[0]}")
+        overviews = study_overviews(open_storage(url))
+    except StorageError as err:  # the storage is user input: one line on the page, no traceback
+        st.error(f"storage: {err}")
         return
-    if not summaries:
-        st.info(f"No studies in {url} yet.")
+    if not overviews:
+        st.info(f"No studies in {_display(url)} yet.")
         return
-    names = [s.study_name for s in summaries]
-    name = st.sidebar.selectbox("study", names)
+    ids = {o.name: o.study_id for o in overviews}
+    names = list(ids)
+    wanted_view, wanted_study = _param("view", "Study"), _param("study")
+    view = st.sidebar.radio("view", VIEWS, index=VIEWS.index(wanted_view) if wanted_view in VIEWS else 1, key="view")
+    name = st.sidebar.selectbox("study", names, index=names.index(wanted_study) if wanted_study in names else 0,
+                                key="study")
+    refresh = st.sidebar.number_input("refresh every (s)", min_value=1, max_value=600, value=REFRESH_S, key="refresh")
+    st.sidebar.caption(f"reading {_display(url)}")
+    st.query_params.update({"view": view, "study": name})
 
-    @st.fragment(run_every=REFRESH_S)
-    def live() -> None:
-        study_view(storage, name)
-
-    live()
+    if view == "Studies":
+        st.fragment(studies_view, run_every=refresh)(url)
+    elif view == "Study":
+        st.fragment(study_view, run_every=refresh)(url, name, ids[name])
+    elif view == "Trial":
+        trial_view(url, name, ids[name])
+    else:
+        compare_view(url, name, ids[name])
 
 
 main()

@@ -38,20 +38,22 @@ class UserError(Exception):
     """A mistake in the command's input; printed as one line, exit status 2."""
 
 
-def _open_existing(study_name: str, storage: str):
-    """Load a stored study without creating anything (a missing SQLite file stays missing)."""
-    import optuna
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+def _existing_storage(storage: str):
+    """Open a storage that holds studies, creating nothing (a missing SQLite file stays missing)."""
+    from dse.reader import StorageError, existing_storage
 
     try:
-        url = make_url(storage)
-    except ArgumentError:
-        raise UserError(f"--storage: {storage!r} is not a database URL such as {DEFAULT_STORAGE}") from None
-    if url.drivername == "sqlite" and (not url.database or not Path(url.database).exists()):
-        raise UserError(f"--storage: SQLite file '{url.database}' does not exist (no studies there)")
-    storage_obj = optuna.storages.RDBStorage(storage, skip_table_creation=True)
-    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage_obj)]
+        return existing_storage(storage)
+    except StorageError as err:
+        raise UserError(f"--storage: {err}") from None
+
+
+def _open_existing(study_name: str, storage: str):
+    """Load a stored study without creating anything."""
+    import optuna
+
+    storage_obj = _existing_storage(storage)
+    names = [s.study_name for s in storage_obj.get_all_studies()]
     if study_name not in names:
         listed = ", ".join(names) if names else "none"
         raise UserError(f"STUDY: '{study_name}' is not in {storage}; studies there: {listed}")
@@ -100,12 +102,24 @@ def cmd_export(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    """Serve the Streamlit app; the storage URL reaches it through ``$DSE_STORAGE`` (not the process list)."""
+    import socket
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: {args.port} is not a TCP port (1-65535)")
+    storage = _existing_storage(args.storage)
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.address, args.port))
+        except OSError as err:
+            raise UserError(f"--port: cannot listen on {args.address}:{args.port}: {err.strerror or err}") from None
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
                "--server.address", args.address, "--server.headless", "true",
-               "--browser.gatherUsageStats", "false", "--", "--storage", args.storage]
-    print(f"dashboard on http://{args.address}:{args.port} reading {args.storage}", flush=True)
-    return subprocess.call(command)
+               "--browser.gatherUsageStats", "false"]
+    shown = storage.engine.url.render_as_string(hide_password=True)
+    print(f"dashboard on http://{args.address}:{args.port} reading {shown}", flush=True)
+    return subprocess.call(command, env={**os.environ, "DSE_STORAGE": args.storage})
 
 
 def cmd_sensitivity(args) -> int:

@@ -108,11 +108,11 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
                  progress=None) -> list[Path]:
     """Write the bundle for ``trial`` into ``out``; with ``checkpoint`` also the compressed model in
     ``out/checkpoint`` (loadable with :func:`evaluators.checkpoint.load_checkpoint`). Returns the files."""
-    from dse.study import full_results
+    from dse.study import full_result
 
     out.mkdir(parents=True, exist_ok=True)
     spec = study.user_attrs.get("spec", {})
-    full = full_results(study).get(trial.number)
+    full = full_result(study, trial)
     header = {"study": study.study_name, "trial": trial.number, "model": spec.get("model"),
               "device": spec.get("hardware", {}).get("device")}
     evaluation = dict(trial.user_attrs.get("eval", {"evaluated": False}))
@@ -154,3 +154,17 @@ def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dic
         lines.append(f"  fits: {hw.get('fits')}  utilisation: "
                      + ", ".join(f"{k} {v:.1%}" for k, v in hw.get("utilisation", {}).items()))
     return "\n".join(lines) + "\n"
+
+
+def bundle_zip(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bytes:
+    """The bundle :func:`export_trial` writes (without the checkpoint), as the bytes of a zip file: what the
+    dashboard's export button downloads."""
+    import io
+    import tempfile
+    import zipfile
+
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in export_trial(study, trial, Path(tmp)):
+            archive.write(path, path.name)
+    return buffer.getvalue()

@@ -103,11 +103,19 @@ def study_hypervolume(study: optuna.Study, trials=None) -> float:
     return hypervolume(loss, *bounds(loss))
 
 
-def hypervolume_history(study: optuna.Study) -> list[tuple[int, float]]:
-    """(trial number, hypervolume of the feasible trials up to it) with the final bounds throughout."""
-    trials = sorted((t for t in study.get_trials(deepcopy=False) if is_feasible(t)), key=lambda t: t.number)
+def hypervolume_history(trials, directions) -> list[tuple[int, float]]:
+    """(trial number, hypervolume of the feasible trials up to it) for each feasible trial in number order,
+    all normalised by the bounds of every feasible trial, so the curve never falls. The volume is computed
+    again only when a trial enters the front (a weakly dominated one leaves it unchanged)."""
+    trials = sorted((t for t in trials if is_feasible(t)), key=lambda t: t.number)
     if not trials:
         return []
-    loss = trial_losses(trials, study.directions)
+    loss = trial_losses(trials, directions)
     lo, hi = bounds(loss)
-    return [(t.number, hypervolume(loss[: i + 1], lo, hi)) for i, t in enumerate(trials)]
+    front, volume, out = loss[:0], 0.0, []
+    for trial, row in zip(trials, loss):
+        if not np.any(np.all(front <= row, axis=1)):
+            front = np.vstack([front[~np.all(row <= front, axis=1)], row])
+            volume = hypervolume(front, lo, hi)
+        out.append((trial.number, volume))
+    return out

@@ -27,11 +27,34 @@ def pareto_trials(study: optuna.Study, trials=None) -> list[optuna.trial.FrozenT
     return sorted(front, key=lambda t: t.values[0], reverse=reverse)
 
 
+def hw_metrics(user_attrs: dict) -> dict[str, float]:
+    """A trial's scalar hardware metrics (:data:`hwcost.METRICS`): the driver's ``hw_metrics`` attribute, or,
+    for trials stored before it existed, those of its ``hw`` report that are there; {} without either."""
+    if "hw_metrics" in user_attrs:
+        return user_attrs["hw_metrics"]
+    hw = user_attrs.get("hw")
+    if not hw:
+        return {}
+    from hwcost import HwReport
+
+    try:
+        return HwReport.from_dict(hw).metrics()
+    except (TypeError, KeyError, ValueError):  # a report of an older layout: what it has
+        util = hw.get("utilisation", {})
+        found = {k: hw[k] for k in ("decode_tokens_per_s", "decode_ms_per_token", "j_per_token", "power_w",
+                                      "prefill_ms") if k in hw}
+        found.update({f"{'bram' if k == 'bram36' else k}_util": v for k, v in util.items() if k != "ff"})
+        if "weight_bytes_total" in hw:
+            found["weight_bytes"] = hw["weight_bytes_total"]
+        return found
+
+
 def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None) -> dict:
     """One trial as a flat dict: objectives, hardware figures, proxy and full-fidelity results (``full``:
-    this trial's promotion result, if any), plan summary."""
+    this trial's promotion result, if any), plan summary. Reads only the trial's small attributes
+    (``hw_metrics``, ``eval``, ``plan_summary``, ``warm_start``), so it works on :mod:`dse.reader`'s trials."""
     names = study.metric_names or [f"objective{i}" for i in range(len(study.directions))]
-    hw = trial.user_attrs.get("hw", {})
+    hw = hw_metrics(trial.user_attrs)
     evaluation = trial.user_attrs.get("eval", {})
     row = {"trial": trial.number}
     if trial.values:
@@ -39,8 +62,8 @@ def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict |
     for key in ("decode_tokens_per_s", "decode_ms_per_token", "j_per_token", "power_w"):
         if key not in row and key in hw:
             row[key] = hw[key]
-    if "weight_bytes_total" in hw:
-        row["weight_MB"] = hw["weight_bytes_total"] / 1e6
+    if "weight_bytes" in hw:
+        row["weight_MB"] = hw["weight_bytes"] / 1e6
     for key, value in evaluation.get("proxy", {}).items():
         if key in ("kl", "ppl") and f"proxy_{key}" not in row:
             row[f"proxy_{key}"] = value

@@ -10,7 +10,9 @@ One trial:
 
 1. ``study.ask()`` (enqueued warm starts and retried plans first), the plan from its
    parameters (:mod:`dse.space`);
-2. the hardware report from the cost model, in the driver (milliseconds). A plan that does
+2. the hardware report from the cost model, in the driver (milliseconds), stored whole (``hw``,
+   with the per-layer rows) and as its scalar metrics (``hw_metrics``, a few hundred bytes that
+   tables and the dashboard read without loading the report). A plan that does
    not fit the device or breaks a user constraint is told at once with its named constraint
    values (``trial.set_constraint``) and no accuracy evaluation (``evaluated: False``);
 3. a feasible plan is claimed (:mod:`dse.claims`): a plan another trial already evaluated is
@@ -215,14 +217,27 @@ def screen(spec: StudySpec, hw_report) -> dict[str, float]:
     return values
 
 
-def full_results(study: optuna.Study) -> dict[int, dict]:
-    """Full-fidelity results by trial number: promotions (study attributes) and trials evaluated in full."""
+def trial_record(plan, report, constraints: dict[str, float]) -> dict:
+    """The user attributes every trial gets before its evaluation: the plan (whole, hash, label counts), the
+    hardware report (whole, and its scalar metrics apart) and the named constraint values."""
+    return {"plan": plan.to_dict(), "plan_hash": plan.hash, "plan_summary": plan.summary(),
+            "hw": report.to_dict(), "hw_metrics": report.metrics(), "constraints": constraints}
+
+
+def full_results(study: optuna.Study, trials=None) -> dict[int, dict]:
+    """Full-fidelity results by trial number: promotions (study attributes) and trials evaluated in full
+    (among ``trials``, default all of the study's)."""
     out = {int(k[len(FULL_PREFIX):]): v for k, v in study.user_attrs.items() if k.startswith(FULL_PREFIX)}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in (trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
         full = t.user_attrs.get("eval", {}).get("full")
-        if full and t.number not in out:
+        if full and t.number not in out and t.state == TrialState.COMPLETE:
             out[t.number] = full
     return out
+
+
+def full_result(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict | None:
+    """One trial's full-fidelity result (its promotion, or its own full evaluation), or None."""
+    return study.user_attrs.get(f"{FULL_PREFIX}{trial.number}") or trial.user_attrs.get("eval", {}).get("full")
 
 
 def completed(study: optuna.Study) -> int:
@@ -344,8 +359,7 @@ class Driver:
         report = estimate(plan, self.setup.workload, self.setup.accelerator)
         timings = {"hwcost": time.perf_counter() - started}
         constraints = screen(spec, report)
-        attrs = {"plan": plan.to_dict(), "plan_hash": plan.hash, "plan_summary": plan.summary(),
-                 "hw": report.to_dict(), "constraints": constraints}
+        attrs = trial_record(plan, report, constraints)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a retried trial carries its constraints already
             for key, value in constraints.items():

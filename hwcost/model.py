@@ -390,6 +390,10 @@ class HwReport:
             return float(getattr(self, name))
         raise ValueError(f"'{name}' is not a hardware metric; allowed: {', '.join(METRIC_NAMES)}")
 
+    def metrics(self) -> dict[str, float]:
+        """Every scalar of :data:`METRICS` by name (units there): the small summary stored beside the report."""
+        return {name: self.metric(name) for name in METRIC_NAMES}
+
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (round-trips through :meth:`from_dict`)."""
         return asdict(self)

@@ -24,3 +24,22 @@ def empty_compress_cache(tmp_path, monkeypatch):
             (root / entry.name).symlink_to(entry)
     monkeypatch.setenv("DSE_CACHE_DIR", str(root))
     return root / "compress"
+
+
+@pytest.fixture(scope="session")
+def sqlite_study(tmp_path_factory):
+    """A small real study (helpers.small_spec: 4 trials, final promotion) run by the driver on SQLite, once per
+    session; returns (study, storage URL). Tests that change the storage work on a copy."""
+    import ray
+
+    from dse.spec import parse_spec
+    from dse.study import run_study
+    from helpers import small_spec
+
+    db = tmp_path_factory.mktemp("study") / "studies.db"
+    url = f"sqlite:///{db}"
+    try:
+        study = run_study(parse_spec(small_spec(url, "e2e-sqlite")), progress=False)
+    finally:
+        ray.shutdown()
+    return study, url

@@ -54,3 +54,33 @@ def test_hypervolume_3d_against_a_brute_force_grid():
             covered += np.sum(centres >= scaled[column, 2].min())
     assert REFERENCE == 1.1
     assert hypervolume(loss, lo, hi) == pytest.approx(covered / 100 ** 3, abs=3e-3)
+
+
+def test_hypervolume_history_equals_wfg_on_every_prefix():
+    """The incremental history (volume recomputed only when the front changes) against Optuna's WFG on each
+    prefix of the feasible trials; infeasible and unevaluated trials do not count."""
+    from optuna._hypervolume import compute_hypervolume
+
+    from dse.pareto import hypervolume_history
+
+    rng = np.random.default_rng(1)
+    directions = ["minimize", "maximize", "minimize"]
+    trials, kept = [], []
+    for number in range(60):
+        values = [float(rng.random()), float(rng.random() * 100), float(rng.random() * 0.1)]
+        if number % 7 == 3:
+            values = list(trials[-1].values)  # a duplicate of the previous point
+        feasible = number % 5 != 0
+        trials.append(optuna.trial.create_trial(values=values, user_attrs={"evaluated": feasible}))
+        if feasible:
+            kept.append((number, values))
+    for number, t in enumerate(trials):
+        t.number = number
+    loss = np.array([v for _, v in kept]) * np.array([1.0, -1.0, 1.0])
+    lo, hi = loss.min(0), loss.max(0)
+    scaled = (loss - lo) / (hi - lo)
+    expected = [compute_hypervolume(scaled[: i + 1], np.full(3, REFERENCE)) for i in range(len(kept))]
+    got = hypervolume_history(trials, directions)
+    assert [n for n, _ in got] == [n for n, _ in kept]
+    assert [v for _, v in got] == pytest.approx(expected, rel=1e-12)
+    assert all(b >= a for a, b in zip(expected, expected[1:]))

@@ -1,11 +1,11 @@
 """End to end on the real default model: a small real study on SQLite and on the real PostgreSQL server,
-then ``dse status``, ``dse export`` and the dashboard page reading what the study stored."""
+then ``dse status`` and ``dse export`` reading what the study stored (the SQLite study is the session fixture
+``sqlite_study`` of conftest.py; the dashboard's tests read it too)."""
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import optuna
 import pytest
@@ -15,22 +15,7 @@ from dse.cli import main
 from dse.report import pareto_trials
 from dse.spec import parse_spec
 from dse.study import full_results, run_study
-
-ROOT = Path(__file__).resolve().parent.parent
-PG_URL = os.environ.get("DSE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-TRIALS = 4
-
-
-def small_spec(storage: str, study: str) -> dict:
-    data = yaml.safe_load((ROOT / "examples" / "default.yaml").read_text())
-    data.update(study=study, storage=storage, trials=TRIALS, workers=2)
-    data["tasks"] = [{"name": "shakespeare_lastword", "metric": "acc", "limit": 12},
-                     {"name": "shakespeare_cloze", "metric": "acc_norm", "limit": 6}]
-    data["sampler"] = {"name": "nsga2", "population": 4, "seed": 3}
-    data["proxy"] = {"windows": 2, "seq_len": 64}
-    data["promotion"] = {"every": 0, "final": True}
-    data["heartbeat_s"] = 2
-    return data
+from helpers import PG_URL, SMALL_TRIALS as TRIALS, small_spec
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +37,9 @@ def check_study(study: optuna.Study, spec) -> None:
         hw = t.user_attrs["hw"]
         assert t.values[1] == pytest.approx(hw["decode_tokens_per_s"])
         assert t.values[2] == pytest.approx(hw["j_per_token"])
+        small = t.user_attrs["hw_metrics"]  # the report's scalars, stored apart for light readers
+        assert small["weight_bytes"] == hw["weight_bytes_total"] and small["bram_util"] == hw["utilisation"]["bram36"]
+        assert small["lut_util"] == hw["utilisation"]["lut"] and small["prefill_ms"] == hw["prefill_ms"]
         assert len(t.user_attrs["plan"]["layers"]) == 211
         if t.user_attrs["evaluated"]:
             ev = t.user_attrs["eval"]
@@ -72,13 +60,6 @@ def check_study(study: optuna.Study, spec) -> None:
         metrics = full[number]["metrics"]
         expected = (metrics["shakespeare_lastword"]["acc"] + metrics["shakespeare_cloze"]["acc_norm"]) / 2
         assert full[number]["accuracy"] == pytest.approx(expected) and full[number]["tokens_evaluated"] > 0
-
-
-@pytest.fixture(scope="module")
-def sqlite_study(tmp_path_factory, ray_session):
-    db = tmp_path_factory.mktemp("study") / "studies.db"
-    spec = parse_spec(small_spec(f"sqlite:///{db}", "e2e-sqlite"))
-    return run_study(spec, progress=False), f"sqlite:///{db}"
 
 
 def test_study_on_sqlite(sqlite_study):
@@ -156,22 +137,6 @@ def test_status_of_unknown_study_is_one_line(sqlite_study, capsys):
     _, url = sqlite_study
     assert main(["status", "nope", "--storage", url]) == 2
     assert capsys.readouterr().err == "error: STUDY: 'nope' is not in " + url + "; studies there: e2e-sqlite\n"
-
-
-def test_dashboard_page_renders_the_study(sqlite_study, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    study, url = sqlite_study
-    monkeypatch.setenv("DSE_STORAGE", url)
-    app = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
-    app.run()
-    assert not app.exception
-    assert [h.value for h in app.subheader] == ["e2e-sqlite"]
-    assert app.sidebar.selectbox[0].options == ["e2e-sqlite"]
-    table = app.dataframe[0].value
-    assert sorted(table["trial"]) == [t.number for t in study.trials if t.state.name == "COMPLETE"]
-    pareto = {t.number for t in pareto_trials(study)}
-    assert set(table.loc[table["status"] == "pareto", "trial"]) == pareto
 
 
 def test_restart_with_other_objectives_is_refused_without_change(sqlite_study, tmp_path, capsys):

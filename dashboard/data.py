@@ -1,0 +1,236 @@
+"""The dashboard's tables, built from stored trials (pure functions: no Streamlit, no drawing).
+
+Every frame is derived from what the driver stored (plan, hardware report, evaluation) and from the
+``dse`` functions that ``dse status`` and ``dse export`` use (Pareto front, hypervolume, table rows),
+so the dashboard and the command line agree on every number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from dse.pareto import hypervolume_history, is_feasible, losses, nondominated, study_front
+from dse.plan import LayerPlan
+from dse.report import hw_metrics, trial_row
+from dse.study import full_results
+from hwcost import METRICS
+
+MODEL_AXES = {
+    "proxy_kl": ("proxy KL from the dense model (nats/token)", "minimize"),
+    "proxy_ppl": ("proxy perplexity", "minimize"),
+    "accuracy": ("accuracy (full lm-eval tasks)", "maximize"),
+    "full_accuracy": ("full-fidelity accuracy (promoted trials)", "maximize"),
+}
+HW_LABELS = {
+    "decode_tokens_per_s": "decode tokens/s", "decode_ms_per_token": "decode ms/token", "j_per_token": "J/token",
+    "power_w": "power (W)", "prefill_ms": "prefill (ms)", "weight_bytes": "weight bytes",
+    "lut_util": "LUT share", "dsp_util": "DSP share", "bram_util": "BRAM share", "uram_util": "URAM share",
+}
+AXES = {**MODEL_AXES, **{name: (HW_LABELS.get(name, name), meta["direction"]) for name, meta in METRICS.items()}}
+"""Every quantity a chart axis may show: name -> (label with unit, natural direction)."""
+
+STATUSES = ("pareto", "feasible", "infeasible", "unrecorded", "running", "failed", "pruned", "waiting")
+"""``pareto``/``feasible``: evaluated, meets every constraint (on the study's front or not); ``infeasible``:
+screened out by the cost model or a constraint; ``unrecorded``: complete but without the driver's records
+(a study written by another tool or an old version); then the unfinished states."""
+_STATE_STATUS = {TrialState.RUNNING: "running", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
+                 TrialState.WAITING: "waiting"}
+BLOCK_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|decoder\.layers)\.(\d+)\.(.+)$")
+
+
+# ------------------------------------------------------------------ the study view
+def status_of(trial: optuna.trial.FrozenTrial, front: set[int]) -> str:
+    if trial.state != TrialState.COMPLETE:
+        return _STATE_STATUS.get(trial.state, trial.state.name.lower())
+    if is_feasible(trial):
+        return "pareto" if trial.number in front else "feasible"
+    if trial.user_attrs.get("evaluated") is False or any(v > 0 for v in trial.constraints.values()):
+        return "infeasible"
+    return "unrecorded"
+
+
+def trials_frame(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
+    """One row per trial (every state): ``trial``, ``status``, the objectives, proxy and full-fidelity results
+    (``promoted``: a full result exists), every hardware metric, ``warm_start``, violated constraints,
+    ``plan`` summary and ``finished`` time. Values a trial never measured (screened out) are NaN."""
+    front = {t.number for t in study_front(study, trials)}
+    full = full_results(study, trials)
+    rows = []
+    for t in trials:
+        row = trial_row(study, t, full.get(t.number)) if t.state == TrialState.COMPLETE else {
+            "trial": t.number, "plan": ", ".join(f"{n}x {k}" for k, n in t.user_attrs.get("plan_summary", {}).items())}
+        row.update({k: v for k, v in hw_metrics(t.user_attrs).items() if k not in row})
+        row = {k: (math.nan if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
+        row["status"] = status_of(t, front)
+        row["promoted"] = t.number in full
+        row["warm_start"] = t.user_attrs.get("warm_start")
+        row["violated"] = ", ".join(k for k, v in t.constraints.items() if v > 0)
+        row["note"] = t.user_attrs.get("error") or t.user_attrs.get("pruned") or ""
+        row["finished"] = t.datetime_complete
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    first = ["trial", "status", *(study.metric_names or []), "promoted"]
+    last = ["warm_start", "violated", "note", "finished", "plan"]
+    middle = [c for c in frame.columns if c not in first and c not in last]
+    return frame[[c for c in first + middle + last if c in frame.columns]]
+
+
+def axis_options(frame: pd.DataFrame) -> list[str]:
+    """The :data:`AXES` quantities with at least one value in ``frame``, model figures first."""
+    return [name for name in AXES if name in frame.columns and frame[name].notna().any()]
+
+
+def front_2d(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The feasible rows no other feasible row beats on both ``x`` and ``y`` (each in its natural
+    direction, :data:`AXES`), sorted by ``x``: the front drawn as a line for any pair of axes."""
+    rows = frame[frame["status"].isin(("pareto", "feasible"))].dropna(subset=[x, y])
+    if rows.empty:
+        return rows
+    mask = nondominated(losses(rows[[x, y]].to_numpy(dtype=float), [AXES[x][1], AXES[y][1]]))
+    return rows[mask].sort_values(x)
+
+
+def hypervolume_frame(study: optuna.Study, trials) -> pd.DataFrame:
+    """``trial``, ``hypervolume``: the study's hypervolume after each feasible trial (:mod:`dse.pareto`)."""
+    return pd.DataFrame(hypervolume_history(trials, study.directions), columns=["trial", "hypervolume"])
+
+
+# ------------------------------------------------------------------ one trial
+def layer_position(name: str) -> tuple[int | None, str]:
+    """``model.layers.3.mlp.down_proj`` -> (3, ``mlp.down_proj``); a layer outside the blocks -> (None, name)."""
+    match = BLOCK_LAYER.match(name)
+    return (int(match.group(1)), match.group(2)) if match else (None, name)
+
+
+def _bits_per_weight(layer: LayerPlan, shapes: dict[str, tuple[int, int]]) -> float:
+    """Stored bits per dense weight (values, scales and N:M index, as the cost model counts them)."""
+    from hwcost.kernels import storage_bits
+
+    in_f, out_f = shapes.get(layer.name, (0, 0))
+    if not in_f:  # no shape recorded: the nominal value bits times the kept fraction
+        return layer.fmt.bits * (1.0 if layer.sparsity is None else layer.sparsity.density)
+    return storage_bits(in_f, out_f, layer.sparsity, layer.fmt)["total"] / (in_f * out_f)
+
+
+def plan_grid(plan: dict, workload: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The plan map: rows are blocks (then layers outside blocks), columns layer types in model order,
+    plus ``mixer``. Returns (labels, bits): the label of every cell (``2:4 int4/g64``, ``ternary``,
+    ``fp16``; ``attention``/``MLGRU`` in ``mixer``) and its stored bits per dense weight (NaN for
+    ``mixer`` and absent layers). Layers the plan does not name are the model's FP16 layers."""
+    from dse.plan import ModelPlan
+
+    model_plan = ModelPlan.from_dict(plan)
+    shapes, names = {}, [lp.name for lp in model_plan.layers]
+    if workload:
+        from hwcost import Workload
+
+        wl = Workload.from_dict(workload)
+        mlgru = [bp.index for bp in model_plan.blocks if bp.mixer == "mlgru"]
+        layers = wl.linear_layers(mlgru)
+        shapes = {layer.name: (layer.in_features, layer.out_features) for layer in layers}
+        names = [layer.name for layer in layers]
+    labels: dict[str, dict[str, str]] = {}
+    bits: dict[str, dict[str, float]] = {}
+    columns: list[str] = []
+    blocks = sorted({b for b, _ in map(layer_position, names) if b is not None})
+    for name in names:
+        block, kind = layer_position(name)
+        row = str(block) if block is not None else name
+        if block is None:
+            kind = "outside blocks"
+        if kind not in columns:
+            columns.append(kind)
+        layer = model_plan.layer(name)
+        labels.setdefault(row, {})[kind] = layer.label
+        bits.setdefault(row, {})[kind] = _bits_per_weight(layer, shapes)
+    for block in blocks:
+        labels.setdefault(str(block), {})["mixer"] = "MLGRU" if model_plan.mixer(block) == "mlgru" else "attention"
+    order = [str(b) for b in blocks] + [r for r in labels if not r.isdigit()]
+    columns = columns + ["mixer"] if blocks else columns
+    label_frame = pd.DataFrame.from_dict(labels, orient="index").reindex(index=order, columns=columns).fillna("")
+    bits_frame = pd.DataFrame.from_dict(bits, orient="index").reindex(index=order, columns=columns)
+    return label_frame, bits_frame.astype(float)
+
+
+def layer_frame(hw: dict, clock_mhz: float | None = None) -> pd.DataFrame:
+    """The per-layer hardware breakdown of one decode step: one row per report row, with ``cycles`` (the
+    larger of compute and memory cycles), ``us`` at the report's clock and the ``bound``."""
+    rows = pd.DataFrame(hw.get("layers", []))
+    if rows.empty:
+        return rows
+    rows["cycles"] = np.maximum(rows.get("compute_cycles", 0.0), rows.get("memory_cycles", 0.0))
+    clock = clock_mhz or hw.get("clock_mhz")
+    if clock:
+        rows["us"] = rows["cycles"] / float(clock)
+    keep = ["name", "block", "kernel", "bound", "cycles", "us", "compute_cycles", "memory_cycles", "memory_bytes",
+            "weight_bytes", "kv_bytes", "macs", "kept_macs"]
+    return rows[[c for c in keep if c in rows.columns]]
+
+
+def resource_frame(hw: dict) -> pd.DataFrame:
+    """Per resource: ``used``, ``available`` (after the shell), ``utilisation`` and the datapath ``cap``."""
+    used, available = hw.get("resources", {}), hw.get("available", {})
+    util, caps = hw.get("utilisation", {}), hw.get("caps", {})
+    rows = [{"resource": k, "used": used.get(k), "available": available.get(k), "utilisation": util.get(k),
+             "cap": caps.get(k)} for k in available or util]
+    return pd.DataFrame(rows, columns=["resource", "used", "available", "utilisation", "cap"])
+
+
+def evaluation_frame(user_attrs: dict, full: dict | None) -> pd.DataFrame:
+    """Evaluation results by fidelity and task: ``fidelity``, ``task``, ``metric``, ``value``."""
+    rows = []
+    for key, value in user_attrs.get("eval", {}).get("proxy", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append({"fidelity": "proxy", "task": "proxy tokens", "metric": key, "value": float(value)})
+    if full:
+        for task, metrics in full.get("metrics", {}).items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append({"fidelity": "full", "task": task, "metric": metric, "value": float(value)})
+        if "accuracy" in full:
+            rows.append({"fidelity": "full", "task": "(mean of the spec's metrics)", "metric": "accuracy",
+                         "value": float(full["accuracy"])})
+    return pd.DataFrame(rows, columns=["fidelity", "task", "metric", "value"])
+
+
+def compare_frame(a: pd.Series, b: pd.Series) -> pd.DataFrame:
+    """Two trial rows side by side on every number either has: ``metric``, A, B, ``B - A``."""
+    names = [c for c in a.index if c in AXES or c.startswith(("proxy_", "full_")) or "." in c]
+    rows = []
+    for name in names:
+        va, vb = a.get(name), b.get(name)
+        if pd.isna(va) and pd.isna(vb):
+            continue
+        delta = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+        rows.append({"metric": name, f"trial {a['trial']}": va, f"trial {b['trial']}": vb, "B - A": delta})
+    return pd.DataFrame(rows)
+
+
+def plan_diff(plan_a: dict, plan_b: dict) -> pd.DataFrame:
+    """Layers and blocks whose choice differs between two plans: ``unit``, A, B (method names included)."""
+    from dse.plan import ModelPlan
+
+    pa, pb = ModelPlan.from_dict(plan_a), ModelPlan.from_dict(plan_b)
+
+    def describe(layer: LayerPlan) -> str:
+        if layer.is_identity:
+            return layer.label
+        methods = [] if layer.sparsity is None else [layer.prune]
+        methods += [] if layer.fmt.is_float else [layer.quant]
+        return f"{layer.label} ({'+'.join(methods)})"
+
+    names = list(dict.fromkeys([lp.name for lp in pa.layers] + [lp.name for lp in pb.layers]))
+    rows = [{"unit": n, "A": describe(pa.layer(n)), "B": describe(pb.layer(n))} for n in names
+            if describe(pa.layer(n)) != describe(pb.layer(n))]
+    blocks = sorted({bp.index for bp in pa.blocks} | {bp.index for bp in pb.blocks})
+    rows += [{"unit": f"block {i} mixer", "A": pa.mixer(i), "B": pb.mixer(i)} for i in blocks
+             if pa.mixer(i) != pb.mixer(i)]
+    return pd.DataFrame(rows, columns=["unit", "A", "B"])
