@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -110,7 +111,7 @@ def browser_times(url: str) -> tuple[float, float]:
     from test_dashboard_browser import pareto_chart_drawn, wait_for
 
     port = free_port()
-    server = start_dashboard(url, port, Path("bench-dashboard-server.log"))
+    server = start_dashboard(url, port, Path(tempfile.gettempdir()) / "bench-dashboard-server.log")
     browser = chromium()
     try:
         times = []

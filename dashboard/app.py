@@ -104,7 +104,7 @@ def study_view(url: str, name: str, study_id: int) -> None:
             ("running", int(counts.get("running", 0))),
             ("hypervolume", f"{hv['hypervolume'].iloc[-1]:.4f}" if len(hv) else "—"))):
         col.metric(label, value)
-    options = data.axis_options(frame)
+    options = data.axis_options(frame, study.metric_names or ())
     if len(options) < 2:
         st.info("Not enough measured quantities to plot yet.")
     else:
@@ -124,8 +124,10 @@ def study_view(url: str, name: str, study_id: int) -> None:
             default3 = (objectives + [o for o in options if o not in objectives])[:3]
             axes3 = st.multiselect("3-objective view", options, default=default3, max_selections=3,
                                    key=f"xyz-{name}", format_func=_axis_label)
+            rotate = st.toggle("rotate in 3D (WebGL)", key=f"rotate-{name}",
+                               help="off: the third quantity is the colour (quicker to draw)")
             if len(axes3) == 3:
-                st.plotly_chart(charts.pareto_3d(frame, axes3), key=f"pareto3d-{name}", width="stretch")
+                st.plotly_chart(charts.pareto_3d(frame, axes3, rotate), key=f"pareto3d-{name}", width="stretch")
         with right:
             if len(hv):
                 st.plotly_chart(charts.hypervolume_chart(hv), key=f"hv-{name}", width="stretch")

@@ -22,10 +22,12 @@ def _label(name: str) -> str:
 
 def _hover(frame: pd.DataFrame, x: str, y: str, z: str | None = None) -> list[str]:
     axes = [a for a in (x, y, z) if a]
-    return [f"trial {r.trial} ({r.status})<br>" + "<br>".join(f"{_label(a)}: {r[a]:.4g}" for a in axes)
-            + (f"<br>{r.warm_start}" if isinstance(r.get("warm_start"), str) else "")
-            + (f"<br>violates {r.violated}" if r.get("violated") else "")
-            + f"<br>{str(r.plan)[:120]}" for _, r in frame.iterrows()]
+    values = zip(*(frame[a] for a in axes))
+    return [f"trial {n} ({status})<br>" + "<br>".join(f"{_label(a)}: {v:.4g}" for a, v in zip(axes, vals))
+            + (f"<br>{warm}" if isinstance(warm, str) else "") + (f"<br>violates {bad}" if bad else "")
+            + f"<br>{str(plan)[:120]}"
+            for n, status, vals, warm, bad, plan in zip(frame["trial"], frame["status"], values, frame["warm_start"],
+                                                        frame["violated"], frame["plan"])]
 
 
 def pareto_scatter(frame: pd.DataFrame, x: str, y: str, title: str = "Pareto front") -> go.Figure:
@@ -61,19 +63,27 @@ def pareto_scatter(frame: pd.DataFrame, x: str, y: str, title: str = "Pareto fro
     return fig
 
 
-def pareto_3d(frame: pd.DataFrame, axes: list[str]) -> go.Figure:
-    """Three quantities at once: evaluated trials by status, the study's Pareto trials in red."""
+def pareto_3d(frame: pd.DataFrame, axes: list[str], rotate: bool = False) -> go.Figure:
+    """Three quantities at once: the third as colour on a 2D scatter (SVG, drawn at once), or with ``rotate``
+    a rotatable 3D scatter (WebGL). The study's Pareto trials are outlined in red."""
     x, y, z = axes
-    fig = go.Figure()
     plotted = frame.dropna(subset=axes)
-    for status in ("feasible", "pareto", "infeasible"):
-        part = plotted[plotted["status"] == status]
-        if len(part):
-            fig.add_trace(go.Scatter3d(x=part[x], y=part[y], z=part[z], mode="markers", name=status,
-                                       customdata=part["trial"], hovertext=_hover(part, x, y, z), hoverinfo="text",
-                                       marker={"size": 5 if status == "pareto" else 3, "color": COLOURS[status]}))
-    fig.update_layout(title="Three objectives", height=520, margin={"t": 40, "l": 0, "r": 0, "b": 0},
-                      scene={"xaxis_title": _label(x), "yaxis_title": _label(y), "zaxis_title": _label(z)})
+    plotted = plotted[plotted["status"].isin(("pareto", "feasible", "infeasible"))]
+    pareto = plotted["status"] == "pareto"
+    marker = {"color": plotted[z], "colorscale": "Viridis", "colorbar": {"title": _label(z)},
+              "line": {"color": ["#d62728" if p else "rgba(0,0,0,0)" for p in pareto], "width": 2},
+              "symbol": ["x" if s == "infeasible" else "circle" for s in plotted["status"]]}
+    common = {"mode": "markers", "name": "trials", "customdata": plotted["trial"],
+              "hovertext": _hover(plotted, x, y, z), "hoverinfo": "text"}
+    if rotate:
+        fig = go.Figure(go.Scatter3d(x=plotted[x], y=plotted[y], z=plotted[z], **common,
+                                     marker={**marker, "size": 4, "symbol": "circle"}))
+        fig.update_layout(scene={"xaxis_title": _label(x), "yaxis_title": _label(y), "zaxis_title": _label(z)},
+                          margin={"t": 40, "l": 0, "r": 0, "b": 0})
+    else:
+        fig = go.Figure(go.Scatter(x=plotted[x], y=plotted[y], **common, marker={**marker, "size": 9}))
+        fig.update_layout(xaxis_title=_label(x), yaxis_title=_label(y), margin={"t": 40, "b": 40})
+    fig.update_layout(title="Three objectives", height=480)
     return fig
 
 

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from dse.pareto import hypervolume_history, is_feasible, losses, nondominated, study_front
 from dse.plan import LayerPlan
-from dse.report import hw_metrics, trial_row
+from dse.report import hw_metrics, objective_names, trial_row
 from dse.study import full_results
 from hwcost import METRICS
 
@@ -61,9 +61,10 @@ def trials_frame(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) ->
     ``plan`` summary and ``finished`` time. Values a trial never measured (screened out) are NaN."""
     front = {t.number for t in study_front(study, trials)}
     full = full_results(study, trials)
+    names = objective_names(study)
     rows = []
     for t in trials:
-        row = trial_row(study, t, full.get(t.number)) if t.state == TrialState.COMPLETE else {
+        row = trial_row(study, t, full.get(t.number), names) if t.state == TrialState.COMPLETE else {
             "trial": t.number, "plan": ", ".join(f"{n}x {k}" for k, n in t.user_attrs.get("plan_summary", {}).items())}
         row.update({k: v for k, v in hw_metrics(t.user_attrs).items() if k not in row})
         row = {k: (math.nan if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
@@ -77,20 +78,27 @@ def trials_frame(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) ->
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    first = ["trial", "status", *(study.metric_names or []), "promoted"]
+    for name in names:  # no trial has measured it yet
+        if name not in frame.columns:
+            frame[name] = math.nan
+    first = ["trial", "status", *names, "promoted"]
     last = ["warm_start", "violated", "note", "finished", "plan"]
     middle = [c for c in frame.columns if c not in first and c not in last]
     return frame[[c for c in first + middle + last if c in frame.columns]]
 
 
-def axis_options(frame: pd.DataFrame) -> list[str]:
-    """The :data:`AXES` quantities with at least one value in ``frame``, model figures first."""
-    return [name for name in AXES if name in frame.columns and frame[name].notna().any()]
+def axis_options(frame: pd.DataFrame, objectives=()) -> list[str]:
+    """The :data:`AXES` quantities with at least one value in ``frame``, and the study's ``objectives``
+    even before any trial measured them (so a page opened early keeps the objectives as its axes)."""
+    return [name for name in AXES if name in objectives
+            or (name in frame.columns and frame[name].notna().any())]
 
 
 def front_2d(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """The feasible rows no other feasible row beats on both ``x`` and ``y`` (each in its natural
     direction, :data:`AXES`), sorted by ``x``: the front drawn as a line for any pair of axes."""
+    if x not in frame.columns or y not in frame.columns:
+        return frame.iloc[:0]
     rows = frame[frame["status"].isin(("pareto", "feasible"))].dropna(subset=[x, y])
     if rows.empty:
         return rows

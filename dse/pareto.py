@@ -4,7 +4,7 @@ Objectives are turned into losses (maximised ones negated) and, for the hypervol
 normalised per objective to [0, 1] between given bounds (``lo`` best, ``hi`` worst);
 the reference point is 1.1 in every normalised objective, so a plan at the worst bound
 still adds volume. The volume itself is Optuna's exact WFG computation
-(``optuna._hypervolume.compute_hypervolume``). Comparing two fronts needs the same
+(``optuna._hypervolume.compute_hypervolume``), and the Pareto filter is Optuna's too. Comparing two fronts needs the same
 bounds for both: :func:`bounds` of their union.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 from optuna._hypervolume import compute_hypervolume
+from optuna.study._multi_objective import _is_pareto_front
 
 REFERENCE = 1.1
 """Reference point of the hypervolume in every normalised objective."""
@@ -38,13 +39,12 @@ def losses(values, directions) -> np.ndarray:
 
 
 def nondominated(loss: np.ndarray) -> np.ndarray:
-    """Boolean mask of rows no other row dominates (<= everywhere, < somewhere)."""
+    """Boolean mask of rows no other row dominates (<= everywhere, < somewhere); equal rows are all kept.
+    Optuna's own Pareto filter (``optuna.study._multi_objective._is_pareto_front``)."""
     loss = np.asarray(loss, dtype=float)
-    mask = np.ones(len(loss), dtype=bool)
-    for i, row in enumerate(loss):
-        dominated_by = np.all(loss <= row, axis=1) & np.any(loss < row, axis=1)
-        mask[i] = not dominated_by.any()
-    return mask
+    if len(loss) == 0:
+        return np.zeros(0, dtype=bool)
+    return _is_pareto_front(loss, assume_unique_lexsorted=False)
 
 
 def dominates(a, b, directions) -> bool:

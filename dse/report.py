@@ -49,11 +49,18 @@ def hw_metrics(user_attrs: dict) -> dict[str, float]:
         return found
 
 
-def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None) -> dict:
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's objective names (``objective0``, ... where none were set); one storage query."""
+    return study.metric_names or [f"objective{i}" for i in range(len(study.directions))]
+
+
+def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None,
+              names: list[str] | None = None) -> dict:
     """One trial as a flat dict: objectives, hardware figures, proxy and full-fidelity results (``full``:
     this trial's promotion result, if any), plan summary. Reads only the trial's small attributes
-    (``hw_metrics``, ``eval``, ``plan_summary``, ``warm_start``), so it works on :mod:`dse.reader`'s trials."""
-    names = study.metric_names or [f"objective{i}" for i in range(len(study.directions))]
+    (``hw_metrics``, ``eval``, ``plan_summary``, ``warm_start``), so it works on :mod:`dse.reader`'s trials.
+    ``names``: :func:`objective_names`, when many rows are built (each look-up queries the storage)."""
+    names = names or objective_names(study)
     hw = hw_metrics(trial.user_attrs)
     evaluation = trial.user_attrs.get("eval", {})
     row = {"trial": trial.number}
@@ -104,8 +111,8 @@ def pareto_table(study: optuna.Study, trials=None) -> str:
     trial was promoted (blank where not yet), warm-start label and plan."""
     from dse.study import full_results
 
-    full = full_results(study)
-    rows = [trial_row(study, t, full.get(t.number)) for t in pareto_trials(study, trials)]
+    full, names = full_results(study), objective_names(study)
+    rows = [trial_row(study, t, full.get(t.number), names) for t in pareto_trials(study, trials)]
     spec = study.user_attrs.get("spec", {})
     names = list(study.metric_names or [])
     tasks = spec.get("tasks", [])

@@ -133,9 +133,14 @@ def test_study_view_front_marks_baselines_and_hypervolume(sqlite_study, monkeypa
     assert array(hv["y"]) == pytest.approx(expected, rel=1e-9)
     assert metrics["hypervolume"] == f"{expected[-1]:.4f}"
 
-    three = figures(app)["Three objectives"]
-    shown = set().union(*(array(t["customdata"]).tolist() for t in three["data"]))
-    assert shown == {t.number for t in ok}
+    three = figures(app)["Three objectives"]["data"][0]  # proxy KL across, tokens/s up, J/token as colour
+    assert array(three["customdata"]).tolist() == [t.number for t in ok]
+    assert array(three["marker"]["color"]) == pytest.approx([t.values[2] for t in ok])
+    outlined = {n for n, c in zip(array(three["customdata"]), three["marker"]["line"]["color"]) if c == "#d62728"}
+    assert outlined == front
+    app.toggle(key=f"rotate-{STUDY}").set_value(True).run()
+    three = figures(app)["Three objectives"]["data"][0]
+    assert three["type"] == "scatter3d" and array(three["z"]) == pytest.approx([t.values[2] for t in ok])
 
     table = app.dataframe[0].value
     assert sorted(table["trial"]) == [t.number for t in study.trials]
