@@ -20,14 +20,14 @@ def _label(name: str) -> str:
     return AXES.get(name, (name,))[0]
 
 
-def _hover(frame: pd.DataFrame, x: str, y: str, z: str | None = None) -> list[str]:
-    axes = [a for a in (x, y, z) if a]
-    values = zip(*(frame[a] for a in axes))
-    return [f"trial {n} ({status})<br>" + "<br>".join(f"{_label(a)}: {v:.4g}" for a, v in zip(axes, vals))
-            + (f"<br>{warm}" if isinstance(warm, str) else "") + (f"<br>violates {bad}" if bad else "")
-            + f"<br>{str(plan)[:120]}"
-            for n, status, vals, warm, bad, plan in zip(frame["trial"], frame["status"], values, frame["warm_start"],
-                                                        frame["violated"], frame["plan"])]
+def _hover(x: str, y: str, z: str | None = None, colour: str | None = None, note: bool = False) -> str:
+    """Hover text from each point's own data (no per-point strings, so 2,000 points stay light to draw):
+    the trial number (``customdata``), each axis, the colour's quantity, and the point's ``text`` (``note``)."""
+    parts = [f"{_label(x)}: %{{x:.4g}}", f"{_label(y)}: %{{y:.4g}}"]
+    parts += [f"{_label(z)}: %{{z:.4g}}"] if z else []
+    parts += [f"{_label(colour)}: %{{marker.color:.4g}}"] if colour else []
+    parts += ["violates %{text}"] if note else []
+    return "trial %{customdata}<br>" + "<br>".join(parts) + "<extra>%{fullData.name}</extra>"
 
 
 def pareto_scatter(frame: pd.DataFrame, x: str, y: str, title: str = "Pareto front") -> go.Figure:
@@ -44,7 +44,8 @@ def pareto_scatter(frame: pd.DataFrame, x: str, y: str, title: str = "Pareto fro
             x=part[x], y=part[y], mode="markers", name=name, customdata=part["trial"],
             marker={"color": COLOURS[status], "symbol": symbol, "size": 9 if status == "pareto" else 6,
                     "opacity": 0.55 if status == "infeasible" else 0.9},
-            hovertext=_hover(part, x, y), hoverinfo="text"))
+            text=part["violated"] if status == "infeasible" else None,
+            hovertemplate=_hover(x, y, note=status == "infeasible")))
     line = front_2d(frame, x, y)
     if len(line):
         fig.add_trace(go.Scatter(x=line[x], y=line[y], mode="lines", name="front in these axes",
@@ -52,7 +53,7 @@ def pareto_scatter(frame: pd.DataFrame, x: str, y: str, title: str = "Pareto fro
     promoted = plotted[plotted["promoted"]]
     if len(promoted):
         fig.add_trace(go.Scatter(x=promoted[x], y=promoted[y], mode="markers", name="full fidelity",
-                                 customdata=promoted["trial"], hovertext=_hover(promoted, x, y), hoverinfo="text",
+                                 customdata=promoted["trial"], hovertemplate=_hover(x, y),
                                  marker={"symbol": "circle-open", "size": 16, "color": "#2ca02c",
                                          "line": {"width": 2}}))
     for _, row in plotted[plotted["warm_start"].fillna("").str.startswith(BASELINE_PREFIXES)].iterrows():
@@ -64,32 +65,38 @@ def pareto_scatter(frame: pd.DataFrame, x: str, y: str, title: str = "Pareto fro
 
 
 def pareto_3d(frame: pd.DataFrame, axes: list[str], rotate: bool = False) -> go.Figure:
-    """Three quantities at once: the third as colour on a 2D scatter (SVG, drawn at once), or with ``rotate``
-    a rotatable 3D scatter (WebGL). The study's Pareto trials are outlined in red."""
+    """Three quantities at once for the evaluated trials: the third as colour on a 2D scatter (SVG, drawn at
+    once), or with ``rotate`` a rotatable 3D scatter (WebGL). The study's Pareto trials are ringed in red."""
     x, y, z = axes
     plotted = frame.dropna(subset=axes)
-    plotted = plotted[plotted["status"].isin(("pareto", "feasible", "infeasible"))]
-    pareto = plotted["status"] == "pareto"
-    marker = {"color": plotted[z], "colorscale": "Viridis", "colorbar": {"title": _label(z)},
-              "line": {"color": ["#d62728" if p else "rgba(0,0,0,0)" for p in pareto], "width": 2},
-              "symbol": ["x" if s == "infeasible" else "circle" for s in plotted["status"]]}
-    common = {"mode": "markers", "name": "trials", "customdata": plotted["trial"],
-              "hovertext": _hover(plotted, x, y, z), "hoverinfo": "text"}
+    fig = go.Figure()
+    for status, name in (("feasible", "feasible"), ("pareto", "Pareto")):
+        part = plotted[plotted["status"] == status]
+        if part.empty:
+            continue
+        marker = {"color": part[z], "coloraxis": "coloraxis", "size": 10 if status == "pareto" else 7}
+        if status == "pareto":
+            marker["line"] = {"color": COLOURS["pareto"], "width": 2}
+        common = {"mode": "markers", "name": name, "customdata": part["trial"]}
+        if rotate:
+            fig.add_trace(go.Scatter3d(x=part[x], y=part[y], z=part[z], marker={**marker, "size": marker["size"] // 2},
+                                       hovertemplate=_hover(x, y, z), **common))
+        else:
+            fig.add_trace(go.Scatter(x=part[x], y=part[y], marker=marker, hovertemplate=_hover(x, y, colour=z),
+                                     **common))
+    fig.update_layout(title="Three objectives", height=480, legend={"orientation": "h"},
+                      coloraxis={"colorscale": "Viridis", "colorbar": {"title": _label(z)}})
     if rotate:
-        fig = go.Figure(go.Scatter3d(x=plotted[x], y=plotted[y], z=plotted[z], **common,
-                                     marker={**marker, "size": 4, "symbol": "circle"}))
         fig.update_layout(scene={"xaxis_title": _label(x), "yaxis_title": _label(y), "zaxis_title": _label(z)},
                           margin={"t": 40, "l": 0, "r": 0, "b": 0})
     else:
-        fig = go.Figure(go.Scatter(x=plotted[x], y=plotted[y], **common, marker={**marker, "size": 9}))
         fig.update_layout(xaxis_title=_label(x), yaxis_title=_label(y), margin={"t": 40, "b": 40})
-    fig.update_layout(title="Three objectives", height=480)
     return fig
 
 
 def hypervolume_chart(hv: pd.DataFrame) -> go.Figure:
-    fig = go.Figure(go.Scatter(x=hv["trial"], y=hv["hypervolume"], mode="lines+markers", name="hypervolume",
-                               line={"shape": "hv"}))
+    fig = go.Figure(go.Scatter(x=hv["trial"], y=hv["hypervolume"], name="hypervolume", line={"shape": "hv"},
+                               mode="lines+markers" if len(hv) <= 200 else "lines"))
     fig.update_layout(title="Hypervolume by trial (normalised objectives)",
                       xaxis_title="trial", yaxis_title="hypervolume", height=300, margin={"t": 50, "b": 40})
     return fig

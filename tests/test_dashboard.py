@@ -102,6 +102,7 @@ def test_study_view_front_marks_baselines_and_hypervolume(sqlite_study, monkeypa
     assert [h.value for h in app.subheader] == [STUDY]
     metrics = {m.label: m.value for m in app.metric}
     done = completed(study)
+    by_number = {t.number: t for t in done}
     screened = [t for t in done if not t.user_attrs["evaluated"]]
     assert metrics["complete"] == str(len(done)) and metrics["infeasible"] == str(len(screened))
     front = brute_force_front(study)
@@ -133,14 +134,17 @@ def test_study_view_front_marks_baselines_and_hypervolume(sqlite_study, monkeypa
     assert array(hv["y"]) == pytest.approx(expected, rel=1e-9)
     assert metrics["hypervolume"] == f"{expected[-1]:.4f}"
 
-    three = figures(app)["Three objectives"]["data"][0]  # proxy KL across, tokens/s up, J/token as colour
-    assert array(three["customdata"]).tolist() == [t.number for t in ok]
-    assert array(three["marker"]["color"]) == pytest.approx([t.values[2] for t in ok])
-    outlined = {n for n, c in zip(array(three["customdata"]), three["marker"]["line"]["color"]) if c == "#d62728"}
-    assert outlined == front
+    three = {t["name"]: t for t in figures(app)["Three objectives"]["data"]}  # proxy KL, tokens/s, J/token colour
+    assert set(array(three["Pareto"]["customdata"]).tolist()) == front
+    for part in three.values():
+        for number, colour in zip(array(part["customdata"]), array(part["marker"]["color"])):
+            assert colour == pytest.approx(by_number[int(number)].values[2])
+    assert sorted(np.concatenate([array(t["customdata"]) for t in three.values()]).tolist()) == [t.number for t in ok]
     app.toggle(key=f"rotate-{STUDY}").set_value(True).run()
-    three = figures(app)["Three objectives"]["data"][0]
-    assert three["type"] == "scatter3d" and array(three["z"]) == pytest.approx([t.values[2] for t in ok])
+    three = {t["name"]: t for t in figures(app)["Three objectives"]["data"]}
+    assert three["Pareto"]["type"] == "scatter3d"
+    assert array(three["Pareto"]["z"]) == pytest.approx([by_number[n].values[2] for n in
+                                                         array(three["Pareto"]["customdata"])])
 
     table = app.dataframe[0].value
     assert sorted(table["trial"]) == [t.number for t in study.trials]
