@@ -75,6 +75,8 @@ def studies_view(url: str) -> None:
             "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in zip(o.metric_names or
                                                                     [f"objective{i}" for i in range(len(o.directions))],
                                                                     o.directions)),
+            "constraints": ", ".join(map(str, spec.get("constraints", []))),
+            "space": ", ".join(g.get("name", "?") for g in spec.get("space", {}).get("groups", [])),
             "sampler": sampler.get("name"), "budget": spec.get("trials"),
             **{state.lower(): o.states.get(state, 0) for state in ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")},
             "last update (UTC)": o.last_update.replace(tzinfo=timezone.utc) if o.last_update else None,
@@ -117,8 +119,9 @@ def study_view(url: str, name: str, study_id: int) -> None:
         st.plotly_chart(charts.pareto_scatter(frame, x, y), key=f"pareto-{name}", width="stretch")
         unplotted = frame[(frame["status"] == "infeasible") & frame[[x, y]].isna().any(axis=1)]
         if len(unplotted):
-            st.caption(f"{len(unplotted)} infeasible trials were screened out before evaluation and have no "
-                       f"{', '.join(a for a in (x, y) if a in data.MODEL_AXES)}; pick two hardware axes to see them.")
+            missing = ", ".join(a for a in (x, y) if a in data.MODEL_AXES)
+            st.caption(f"{len(unplotted)} infeasible trial{'s' * (len(unplotted) != 1)} screened out before "
+                       f"evaluation (no {missing}) are not on these axes; pick two hardware axes to see them.")
         left, right = st.columns(2)
         with left:
             default3 = (objectives + [o for o in options if o not in objectives])[:3]

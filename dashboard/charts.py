@@ -97,8 +97,8 @@ def pareto_3d(frame: pd.DataFrame, axes: list[str], rotate: bool = False) -> go.
 def hypervolume_chart(hv: pd.DataFrame) -> go.Figure:
     fig = go.Figure(go.Scatter(x=hv["trial"], y=hv["hypervolume"], name="hypervolume", line={"shape": "hv"},
                                mode="lines+markers" if len(hv) <= 200 else "lines"))
-    fig.update_layout(title="Hypervolume by trial (normalised objectives)",
-                      xaxis_title="trial", yaxis_title="hypervolume", height=300, margin={"t": 50, "b": 40})
+    fig.update_layout(title="Hypervolume", xaxis_title="trial", yaxis_title="hypervolume (normalised objectives)",
+                      height=300, margin={"t": 50, "b": 40})
     return fig
 
 

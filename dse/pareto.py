@@ -4,8 +4,8 @@ Objectives are turned into losses (maximised ones negated) and, for the hypervol
 normalised per objective to [0, 1] between given bounds (``lo`` best, ``hi`` worst);
 the reference point is 1.1 in every normalised objective, so a plan at the worst bound
 still adds volume. The volume itself is Optuna's exact WFG computation
-(``optuna._hypervolume.compute_hypervolume``), and the Pareto filter is Optuna's too. Comparing two fronts needs the same
-bounds for both: :func:`bounds` of their union.
+(``optuna._hypervolume.compute_hypervolume``), and the Pareto filter is Optuna's too. Comparing two
+fronts needs the same bounds for both: :func:`bounds` of their union.
 """
 
 from __future__ import annotations

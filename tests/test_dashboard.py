@@ -121,7 +121,8 @@ def test_study_view_front_marks_baselines_and_hypervolume(sqlite_study, monkeypa
     assert baselines and baselines <= {a["text"] for a in fig["layout"]["annotations"]}
     # screened-out trials have no proxy KL: not on these axes, said below the chart
     assert trace(fig, "infeasible (screened)") is None
-    assert any(f"{len(screened)} infeasible trials were screened out" in c.value for c in app.caption)
+    assert any(c.value.startswith(f"{len(screened)} infeasible trial") and "no proxy_kl" in c.value
+               for c in app.caption)
 
     # hypervolume after each feasible trial: Optuna's WFG on every prefix, normalised by all feasible trials
     ok = sorted((t for t in done if t.user_attrs["evaluated"]), key=lambda t: t.number)
@@ -129,7 +130,7 @@ def test_study_view_front_marks_baselines_and_hypervolume(sqlite_study, monkeypa
     lo, hi = loss.min(0), loss.max(0)
     scaled = (loss - lo) / np.where(hi > lo, hi - lo, 1.0)
     expected = [compute_hypervolume(scaled[: i + 1], np.full(3, 1.1)) for i in range(len(ok))]
-    hv = figures(app)["Hypervolume by trial (normalised objectives)"]["data"][0]
+    hv = figures(app)["Hypervolume"]["data"][0]
     assert array(hv["x"]).tolist() == [t.number for t in ok]
     assert array(hv["y"]) == pytest.approx(expected, rel=1e-9)
     assert metrics["hypervolume"] == f"{expected[-1]:.4f}"
@@ -282,6 +283,7 @@ def test_studies_view_lists_every_study(sqlite_study, study_copy, monkeypatch):
     assert (row["model"], row["device"], row["budget"], row["sampler"]) == ("smollm2-135m", "kria-kv260", 4, "nsga2")
     assert row["complete"] == len(completed(study)) and row["running"] == 0
     assert row["objectives"] == "proxy_kl (min), decode_tokens_per_s (max), j_per_token (min)"
+    assert (row["constraints"], row["space"]) == ("decode_tokens_per_s >= 120", "attn, mlp, head")
     last = max(t.datetime_complete for t in study.trials)  # local time in Optuna's FrozenTrial
     assert abs(row["last update (UTC)"].timestamp() - last.timestamp()) < 1
     assert table.loc["plain-optuna", "complete"] == 0
