@@ -368,3 +368,30 @@ def test_bad_storage_is_one_line_and_creates_nothing(tmp_path, monkeypatch, caps
     app.run()
     assert not app.exception and len(app.error) == 1 and "\n" not in app.error[0].value
     assert not missing.exists() or Path(missing).stat().st_size == 0
+
+
+def test_plan_map_of_ternary_mlgru_and_sparse_layers_by_hand(sqlite_study):
+    """The plan map of a hand-written plan on the study's stored workload: an MLGRU block shows its MLGRU
+    projections (no attention ones) and is marked, and each cell's bits per weight is the hand count."""
+    from dashboard.charts import plan_map
+    from dashboard.data import plan_grid
+
+    study, _ = sqlite_study
+    plan = {"layers": [
+        {"name": "model.layers.2.mlgru.f_proj", "sparsity": "dense", "format": "ternary"},
+        {"name": "model.layers.0.mlp.down_proj", "sparsity": "1:4", "format": "3", "group_size": 32,
+         "prune": "wanda", "quant": "gptq"}],
+        "blocks": [{"index": 2, "mixer": "mlgru"}]}
+    labels, bits = plan_grid(plan, study.user_attrs["workload"])
+    assert list(labels.index) == [str(b) for b in range(30)] + ["lm_head"]
+    assert labels.loc["2", "mixer"] == "MLGRU" and labels.loc["1", "mixer"] == "attention"
+    assert labels.loc["2", "mlgru.f_proj"] == "ternary" and labels.loc["2", "self_attn.q_proj"] == ""
+    assert labels.loc["1", "mlgru.f_proj"] == "" and labels.loc["1", "self_attn.q_proj"] == "fp16"
+    assert labels.loc["0", "mlp.down_proj"] == "1:4 int3/g32"
+    # ternary 576 x 576: 2-bit codes and one FP16 scale for the tensor
+    assert bits.loc["2", "mlgru.f_proj"] == pytest.approx(2 + 16 / (576 * 576))
+    # 1:4 INT3/g32, 1536 inputs: 384 kept x 3 bits, 12 scales x 16 bits, 384 x 2 index bits, per 1536 weights
+    assert bits.loc["0", "mlp.down_proj"] == pytest.approx((384 * 3 + 12 * 16 + 384 * 2) / 1536)
+    assert bits.loc["1", "self_attn.q_proj"] == 16 and math.isnan(bits.loc["1", "mlgru.f_proj"])
+    fig = plan_map(labels, bits)
+    assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(1.5, 2.5)]  # the band on block 2's mixer cell

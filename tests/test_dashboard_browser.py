@@ -122,7 +122,7 @@ def test_page_follows_a_running_driver_without_reload(browser, tmp_path):
             if target <= seen:
                 break  # the driver finished
             shown = wait_for(lambda: (int(metric(browser, "complete") or -1) >= target) and metric(browser, "complete"),
-                             REFRESH_S + 10, f"the page to show {target} completed trials")
+                             REFRESH_S + 4, f"the page to show {target} completed trials")
             updates.append((target, time.monotonic() - arrived))
             seen = int(shown)
         print("new trials shown after (count, seconds):", updates)
