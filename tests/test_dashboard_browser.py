@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
+from dse.cli import main
+from dse.study import full_results
 from helpers import ROOT, chromium, free_port, small_spec, start_dashboard, stop
 
 ARTIFACTS = Path(os.environ.get("DSE_TEST_ARTIFACTS", ROOT / "artifacts" / "dashboard"))
@@ -77,10 +80,25 @@ def test_page_shows_the_study_and_its_pareto_chart(sqlite_study, browser, tmp_pa
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         time.sleep(1)  # let the other charts finish drawing for the picture
         assert browser.save_screenshot(str(ARTIFACTS / "study-view.png"))
-        browser.get(f"http://127.0.0.1:{port}/?view=Trial&study={study.study_name}")
-        wait_for(lambda: "Plan map" in browser.find_element(By.TAG_NAME, "body").text, 60, "the plan map")
+        # the trial view of a promoted trial; its export button downloads what `dse export --trial N` writes
+        number = min(full_results(study))
+        browser.get(f"http://127.0.0.1:{port}/?view=Trial&study={study.study_name}&trial={number}")
+        wait_for(lambda: f"trial {number}" in browser.find_element(By.TAG_NAME, "body").text
+                 and "Plan map" in browser.find_element(By.TAG_NAME, "body").text, 60, "the plan map")
         assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         assert browser.save_screenshot(str(ARTIFACTS / "trial-view.png"))
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        browser.find_element(By.CSS_SELECTOR, '[data-testid="stDownloadButton"] button').click()
+        bundle = wait_for(lambda: [p for p in downloads.glob("*.zip")], 30, "the downloaded bundle")[0]
+        assert bundle.name == f"{study.study_name}-trial{number}.zip"
+        assert main(["export", study.study_name, "--storage", url, "--trial", str(number), "--out",
+                     str(tmp_path / "cli")]) == 0
+        with zipfile.ZipFile(bundle) as archive:
+            assert sorted(archive.namelist()) == sorted(p.name for p in (tmp_path / "cli").iterdir())
+            for name in archive.namelist():
+                assert archive.read(name) == (tmp_path / "cli" / name).read_bytes(), name
     finally:
         stop(server)
 
