@@ -8,6 +8,8 @@ RDB models (``optuna.storages._rdb.models``, the schema Optuna maintains and mig
 and returns ordinary :class:`optuna.trial.FrozenTrial` objects that the rest of ``dse`` (Pareto,
 hypervolume, tables) takes as they are. A finished trial never changes (Optuna freezes its
 attributes), so the reader keeps finished trials and reads only new and unfinished ones again.
+Trials stored before the driver wrote ``hw_metrics`` get it derived from their report
+(:func:`dse.report.hw_metrics`), the one case where the reader loads a report.
 
 One trial in full (plan, per-layer report) is ``storage.get_trial(trial_id)``: Optuna's API.
 """

@@ -395,3 +395,29 @@ def test_plan_map_of_ternary_mlgru_and_sparse_layers_by_hand(sqlite_study):
     assert bits.loc["1", "self_attn.q_proj"] == 16 and math.isnan(bits.loc["1", "mlgru.f_proj"])
     fig = plan_map(labels, bits)
     assert [(s.y0, s.y1) for s in fig.layout.shapes] == [(1.5, 2.5)]  # the band on block 2's mixer cell
+
+
+def test_postgresql_storage_reads_the_same(sqlite_study, monkeypatch):
+    """The study copied (optuna.copy_study) to the real PostgreSQL server: the reader and the page give the
+    same trials, statuses and numbers as on SQLite."""
+    import os
+
+    from helpers import PG_URL
+
+    _, url = sqlite_study
+    name = f"dash-pg-{os.getpid()}"
+    optuna.copy_study(from_study_name=STUDY, from_storage=url, to_storage=PG_URL, to_study_name=name)
+    try:
+        sqlite_table = run_app(url, monkeypatch).dataframe[0].value
+        app = run_app(PG_URL, monkeypatch)
+        app.sidebar.selectbox(key="study").set_value(name).run()
+        assert not app.exception and [h.value for h in app.subheader] == [name]
+        pg_table = app.dataframe[0].value
+        columns = ["trial", "status", "proxy_kl", "decode_tokens_per_s", "j_per_token", "lut_util", "promoted",
+                   "warm_start", "violated", "plan"]
+        assert pg_table[columns].equals(sqlite_table[columns])
+        app.sidebar.radio(key="view").set_value("Studies").run()
+        row = app.dataframe[0].value.set_index("study").loc[name]
+        assert row["complete"] == (sqlite_table["status"] != "running").sum()
+    finally:
+        optuna.delete_study(study_name=name, storage=PG_URL)
