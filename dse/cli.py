@@ -116,7 +116,8 @@ def cmd_dashboard(args) -> int:
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
                "--server.address", args.address, "--server.headless", "true",
-               "--browser.gatherUsageStats", "false"]
+               "--server.fileWatcherType", "none",  # a served page, not a development session
+               "--client.toolbarMode", "viewer", "--browser.gatherUsageStats", "false"]
     shown = storage.engine.url.render_as_string(hide_password=True)
     print(f"dashboard on http://{args.address}:{args.port} reading {shown}", flush=True)
     return subprocess.call(command, env={**os.environ, "DSE_STORAGE": args.storage})

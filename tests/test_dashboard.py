@@ -421,3 +421,17 @@ def test_postgresql_storage_reads_the_same(sqlite_study, monkeypatch):
         assert row["complete"] == (sqlite_table["status"] != "running").sum()
     finally:
         optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+def test_every_view_leaves_the_storage_unchanged(study_copy, monkeypatch):
+    """The dashboard only reads: after every view (the Trial view builds the export bundle) the database file
+    is byte-identical."""
+    import hashlib
+
+    db = Path(study_copy.removeprefix("sqlite:///"))
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    app = run_app(study_copy, monkeypatch)
+    for view in ("Trial", "Compare", "Studies"):
+        app.sidebar.radio(key="view").set_value(view).run()
+        assert not app.exception
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
