@@ -82,7 +82,7 @@ def studies_view(url: str) -> None:
             "last update (UTC)": o.last_update.replace(tzinfo=timezone.utc) if o.last_update else None,
         })
     st.subheader("Studies")
-    st.caption(f"{len(rows)} studies in {_display(url)}")
+    st.caption(f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'} in {_display(url)}")
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="studies-table")
 
 
