@@ -72,14 +72,14 @@ def studies_view(url: str) -> None:
         rows.append({
             "study": o.name, "model": spec.get("model") or o.user_attrs.get("model"),
             "device": spec.get("hardware", {}).get("device") or o.user_attrs.get("device"),
+            **{state.lower(): o.states.get(state, 0) for state in ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")},
+            "last update (UTC)": o.last_update.replace(tzinfo=timezone.utc) if o.last_update else None,
             "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in zip(o.metric_names or
                                                                     [f"objective{i}" for i in range(len(o.directions))],
                                                                     o.directions)),
             "constraints": ", ".join(map(str, spec.get("constraints", []))),
             "space": ", ".join(g.get("name", "?") for g in spec.get("space", {}).get("groups", [])),
             "sampler": sampler.get("name"), "budget": spec.get("trials"),
-            **{state.lower(): o.states.get(state, 0) for state in ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")},
-            "last update (UTC)": o.last_update.replace(tzinfo=timezone.utc) if o.last_update else None,
         })
     st.subheader("Studies")
     st.caption(f"{len(rows)} stud{'y' if len(rows) == 1 else 'ies'} in {_display(url)}")
