@@ -51,7 +51,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dse.pareto import bounds, dominates, hypervolume, is_feasible, losses, study_front, trial_losses  # noqa: E402
-from dse.report import pareto_table  # noqa: E402
+from dse.report import pareto_table, plan_label  # noqa: E402
 from dse.spec import SpecError, StudySpec, parse_spec  # noqa: E402
 from dse.study import completed, prepare, run_study  # noqa: E402
 from dse.warmstart import baselines, warm_starts  # noqa: E402
@@ -83,10 +83,6 @@ def layer_sources(study) -> tuple[int, int]:
         computed += int(summary.get("computed", 0))
         cached += int(summary.get("cached", 0))
     return computed, cached
-
-
-def plan_text(trial) -> str:
-    return ", ".join(f"{n}x {label}" for label, n in trial.user_attrs.get("plan_summary", {}).items())
 
 
 def mixers_text(trial) -> str:
@@ -221,7 +217,7 @@ def main() -> int:
             all_dominated = False
             continue
         print(f"  {label}: trial {base_trial.number}, {values_text(base_trial.values, names)}; "
-              f"{mixers_text(base_trial)}; {plan_text(base_trial)}"
+              f"{mixers_text(base_trial)}; {plan_label(base_trial.user_attrs)}"
               f"{'' if is_feasible(base_trial) else '  (NOT feasible: ' + str(base_trial.constraints) + ')'}")
         filled = sorted(set(base_trial.params) - set(known[label].params))
         if filled:  # the warm start left these parameters to the sampler: not the uniform plan
@@ -242,7 +238,7 @@ def main() -> int:
                 continue
             best = min(better, key=lambda t: losses([t.values], directions)[0, 0])  # best on the first objective
             print(f"    {who} dominated by {len(better)} trial(s), e.g. trial {best.number}: "
-                  f"{values_text(best.values, names)}; {mixers_text(best)}; {plan_text(best)}")
+                  f"{values_text(best.values, names)}; {mixers_text(best)}; {plan_label(best.user_attrs)}")
     print(f"every uniform baseline dominated by another trial of (a): {'yes' if all_dominated else 'NO'}")
 
     print(f"\nPareto set of (a) {ours.study}:")

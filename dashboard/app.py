@@ -221,7 +221,7 @@ def trial_view(url: str, name: str, study_id: int) -> None:
     st.caption(f"{row['status']} · {row.get('plan', '')}")
     if "plan" in trial.user_attrs:
         st.download_button("Export bundle (plan.yaml, hw_report.json, evaluation.json, summary.txt)",
-                           bundle_zip(study, trial), file_name=f"{name}-trial{number}.zip",
+                           lambda: bundle_zip(study, trial), file_name=f"{name}-trial{number}.zip",
                            mime="application/zip", key=f"export-{name}-{number}", on_click="ignore")
     trial_details(study, trial, f"{name}-{number}")
 

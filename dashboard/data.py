@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from dse.pareto import hypervolume_history, is_feasible, losses, nondominated, study_front
 from dse.plan import LayerPlan
-from dse.report import hw_metrics, objective_names, trial_row
+from dse.report import hw_metrics, objective_names, plan_label, trial_row
 from dse.study import full_results
 from hwcost import METRICS
 
@@ -65,7 +65,7 @@ def trials_frame(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) ->
     rows = []
     for t in trials:
         row = trial_row(study, t, full.get(t.number), names) if t.state == TrialState.COMPLETE else {
-            "trial": t.number, "plan": ", ".join(f"{n}x {k}" for k, n in t.user_attrs.get("plan_summary", {}).items())}
+            "trial": t.number, "plan": plan_label(t.user_attrs)}
         row.update({k: v for k, v in hw_metrics(t.user_attrs).items() if k not in row})
         row = {k: (math.nan if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
         row["status"] = status_of(t, front)

@@ -77,10 +77,6 @@ class StudyOverview:
     states: dict[str, int]
     last_update: datetime | None
 
-    @property
-    def n_trials(self) -> int:
-        return sum(self.states.values())
-
 
 def study_overviews(storage: optuna.storages.RDBStorage) -> list[StudyOverview]:
     """Every study in ``storage``, without loading any trial: names, directions, user attributes, trial
@@ -118,7 +114,8 @@ class TrialReader:
     def trials(self) -> list[FrozenTrial]:
         """Every trial of the study in trial-number order; finished ones from memory after the first read."""
         with self._lock, Session(self.storage.engine) as session:
-            rows = session.query(models.TrialModel).filter(models.TrialModel.study_id == self.study_id).all()
+            rows = session.query(models.TrialModel).filter(models.TrialModel.study_id == self.study_id).order_by(
+                models.TrialModel.number).all()
             todo = [r for r in rows if r.trial_id not in self._finished]
             values, attrs, system = _read_details(session, self.study_id, [r.trial_id for r in todo],
                                                   everything=len(todo) == len(rows))
@@ -131,8 +128,7 @@ class TrialReader:
                 fresh[r.trial_id] = trial
                 if r.state in FINISHED:
                     self._finished[r.trial_id] = trial
-        out = [self._finished.get(r.trial_id) or fresh[r.trial_id] for r in rows]
-        return sorted(out, key=lambda t: t.number)
+        return [self._finished.get(r.trial_id) or fresh[r.trial_id] for r in rows]
 
 
 def _chunks(ids: list[int]):

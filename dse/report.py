@@ -32,21 +32,14 @@ def hw_metrics(user_attrs: dict) -> dict[str, float]:
     for trials stored before it existed, those of its ``hw`` report that are there; {} without either."""
     if "hw_metrics" in user_attrs:
         return user_attrs["hw_metrics"]
-    hw = user_attrs.get("hw")
-    if not hw:
-        return {}
     from hwcost import HwReport
 
-    try:
-        return HwReport.from_dict(hw).metrics()
-    except (TypeError, KeyError, ValueError):  # a report of an older layout: what it has
-        util = hw.get("utilisation", {})
-        found = {k: hw[k] for k in ("decode_tokens_per_s", "decode_ms_per_token", "j_per_token", "power_w",
-                                      "prefill_ms") if k in hw}
-        found.update({f"{'bram' if k == 'bram36' else k}_util": v for k, v in util.items() if k != "ff"})
-        if "weight_bytes_total" in hw:
-            found["weight_bytes"] = hw["weight_bytes_total"]
-        return found
+    return HwReport.metrics_of(user_attrs.get("hw") or {})
+
+
+def plan_label(user_attrs: dict) -> str:
+    """A trial's plan in one line: layer counts per format, e.g. ``48x int4/g64, 38x 2:4 int8/g64``."""
+    return ", ".join(f"{n}x {label}" for label, n in user_attrs.get("plan_summary", {}).items())
 
 
 def objective_names(study: optuna.Study) -> list[str]:
@@ -83,7 +76,7 @@ def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict |
                 row[f"{task}.{metric}"] = value
     if trial.user_attrs.get("warm_start"):
         row["warm_start"] = trial.user_attrs["warm_start"]
-    row["plan"] = ", ".join(f"{n}x {label}" for label, n in trial.user_attrs.get("plan_summary", {}).items())
+    row["plan"] = plan_label(trial.user_attrs)
     return row
 
 
@@ -111,10 +104,10 @@ def pareto_table(study: optuna.Study, trials=None) -> str:
     trial was promoted (blank where not yet), warm-start label and plan."""
     from dse.study import full_results
 
-    full, names = full_results(study), objective_names(study)
-    rows = [trial_row(study, t, full.get(t.number), names) for t in pareto_trials(study, trials)]
-    spec = study.user_attrs.get("spec", {})
     names = list(study.metric_names or [])
+    full = full_results(study)
+    rows = [trial_row(study, t, full.get(t.number), names or None) for t in pareto_trials(study, trials)]
+    spec = study.user_attrs.get("spec", {})
     tasks = spec.get("tasks", [])
     task_cols = [f"{t['name']}.{t['metric']}" for t in tasks] if len(tasks) > 1 else []
     extra = [] if "accuracy" in names else ["full_accuracy"]

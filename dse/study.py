@@ -220,8 +220,11 @@ def screen(spec: StudySpec, hw_report) -> dict[str, float]:
 def trial_record(plan, report, constraints: dict[str, float]) -> dict:
     """The user attributes every trial gets before its evaluation: the plan (whole, hash, label counts), the
     hardware report (whole, and its scalar metrics apart) and the named constraint values."""
+    from hwcost import HwReport
+
+    hw = report.to_dict()
     return {"plan": plan.to_dict(), "plan_hash": plan.hash, "plan_summary": plan.summary(),
-            "hw": report.to_dict(), "hw_metrics": report.metrics(), "constraints": constraints}
+            "hw": hw, "hw_metrics": HwReport.metrics_of(hw), "constraints": constraints}
 
 
 def full_results(study: optuna.Study, trials=None) -> dict[int, dict]:

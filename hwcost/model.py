@@ -344,6 +344,15 @@ class LayerCost:
         return max(self.compute_cycles, self.memory_cycles)
 
 
+def _metric_field(name: str) -> tuple[str, str | None]:
+    """Where a :data:`METRICS` scalar lives in a report: (field, key in that field's dict or None)."""
+    if name == "weight_bytes":
+        return "weight_bytes_total", None
+    if name.endswith("_util"):
+        return "utilisation", "bram36" if name == "bram_util" else name[:-len("_util")]
+    return name, None
+
+
 @dataclass
 class HwReport:
     """Cost of one plan on one accelerator. Units in the field names or docs:
@@ -382,17 +391,24 @@ class HwReport:
 
     def metric(self, name: str) -> float:
         """A scalar among :data:`METRICS` (units there); ValueError listing them otherwise."""
-        if name == "weight_bytes":
-            return float(self.weight_bytes_total)
-        if name.endswith("_util") and name in METRICS:
-            return float(self.utilisation["bram36" if name == "bram_util" else name[:-5]])
-        if name in METRICS:
-            return float(getattr(self, name))
-        raise ValueError(f"'{name}' is not a hardware metric; allowed: {', '.join(METRIC_NAMES)}")
+        if name not in METRICS:
+            raise ValueError(f"'{name}' is not a hardware metric; allowed: {', '.join(METRIC_NAMES)}")
+        field, key = _metric_field(name)
+        value = getattr(self, field)
+        return float(value if key is None else value[key])
 
-    def metrics(self) -> dict[str, float]:
-        """Every scalar of :data:`METRICS` by name (units there): the small summary stored beside the report."""
-        return {name: self.metric(name) for name in METRIC_NAMES}
+    @staticmethod
+    def metrics_of(report: dict) -> dict[str, float]:
+        """The :data:`METRICS` scalars of a report in :meth:`to_dict` form (units there), those it holds: the
+        small summary stored beside the report, and read from reports stored by older versions."""
+        out = {}
+        for name in METRIC_NAMES:
+            field, key = _metric_field(name)
+            value = report.get(field)
+            value = value if key is None or not isinstance(value, dict) else value.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[name] = float(value)
+        return out
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (round-trips through :meth:`from_dict`)."""
