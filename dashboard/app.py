@@ -121,7 +121,7 @@ def study_view(url: str, name: str, study_id: int) -> None:
         if len(unplotted):
             missing = ", ".join(a for a in (x, y) if a in data.MODEL_AXES)
             st.caption(f"{len(unplotted)} infeasible trial{'s' * (len(unplotted) != 1)} screened out before "
-                       f"evaluation (no {missing}) are not on these axes; pick two hardware axes to see them.")
+                       f"evaluation (no {missing}): not drawn on these axes; pick two hardware axes to see them.")
         left, right = st.columns(2)
         with left:
             default3 = (objectives + [o for o in options if o not in objectives])[:3]
