@@ -15,7 +15,7 @@ from hwcost.accelerator import Accelerator
 from hwcost.devices import Device, get_device, list_devices
 from hwcost.model import (METRIC_NAMES, METRICS, BatchReport, EngineCost, HwReport, LayerCost, PlanBatch, estimate,
                           estimate_batch)
-from hwcost.workload import LinearLayer, Workload
+from dse.arch import LinearLayer, Workload
 
 __all__ = [
     "Accelerator", "BatchReport", "Device", "EngineCost", "HwReport", "LayerCost", "LinearLayer", "METRICS",

@@ -46,7 +46,7 @@ from hwcost.accelerator import Accelerator
 from hwcost.devices import constants, get_device, load_data_yaml
 from hwcost.kernels import storage_bits
 from hwcost.model import HwReport, estimate
-from hwcost.workload import Workload
+from dse.arch import Workload
 
 PUBLISHED_FILE = "published_fpga.yaml"
 CALIBRATION_FILE = "calibration.yaml"

@@ -112,17 +112,16 @@ from functools import lru_cache
 
 import numpy as np
 
+from dse.arch import LinearLayer, Workload, check_plan
 from dse.plan import FP16, LayerPlan, ModelPlan, Sparsity, WeightFormat
 from hwcost import kernels
 from hwcost.accelerator import Accelerator
 from hwcost.devices import BRAM36_BITS, URAM_BITS, constants
 from hwcost.kernels import KERNELS
-from hwcost.workload import LinearLayer, Workload
 
 RESOURCES = ("lut", "ff", "dsp", "bram36", "uram")
 _CAP_KEY = {"lut": "lut", "ff": "ff", "dsp": "dsp", "bram36": "bram", "uram": "uram"}
 _FP16 = KERNELS.index("fp16")
-_TERNARY = KERNELS.index("ternary")
 
 METRICS: dict[str, dict[str, str]] = {
     "decode_tokens_per_s": {"unit": "tokens/s", "direction": "maximize"},
@@ -242,7 +241,7 @@ class PlanBatch:
         batch = PlanBatch.empty(workload, len(plans))
         lay = layout(workload)
         for p, plan in enumerate(plans):
-            _check_plan(plan, workload)
+            check_plan(plan, workload)  # one-line PlanMismatch naming the layer or block
             if plan.layers:
                 rows = [lay.row[lp.name] for lp in plan.layers]
                 codes = np.array([_layer_codes(lp.sparsity, lp.fmt) for lp in plan.layers]).T
@@ -256,12 +255,6 @@ class PlanBatch:
                         src = lay.inherit[r]
                         for arr in (batch.kernel, batch.n, batch.m, batch.group):
                             arr[p, r] = arr[p, src]
-                        if batch.m[p, r] > 1 and lay.in_f[r] % batch.m[p, r]:
-                            raise ValueError(f"layer {lay.layers[r].name}: M={batch.m[p, r]} does not divide "
-                                             f"in_features {int(lay.in_f[r])} (plan inherited from "
-                                             f"'{lay.layers[src].name}')")
-            elif not batch.mlgru[p].all():
-                workload.attention_layers(int(np.argmin(batch.mlgru[p])))  # raises: no attention to use
         return batch
 
 
@@ -271,21 +264,6 @@ def _layer_codes(sparsity: Sparsity | None, fmt: WeightFormat) -> tuple[int, int
     """(kernel index, N, M, group size) of a layer plan; dense is N = M = 1."""
     n, m = (1, 1) if sparsity is None else (sparsity.n, sparsity.m)
     return KERNELS.index(kernels.kernel_class(fmt)), n, m, fmt.group_size
-
-
-def _check_plan(plan: ModelPlan, workload: Workload) -> None:
-    lay = layout(workload)
-    for lp in plan.layers:
-        if lp.name not in lay.row:
-            example = workload.linear_layers()[0].name
-            raise ValueError(f"plan layer '{lp.name}' is not a linear layer of the workload "
-                             f"(e.g. '{example}', 'lm_head')")
-        in_f = lay.layers[lay.row[lp.name]].in_features
-        if lp.sparsity is not None and in_f % lp.sparsity.m:
-            raise ValueError(f"layer {lp.name}: M={lp.sparsity.m} does not divide in_features {in_f}")
-    for bp in plan.blocks:
-        if not 0 <= bp.index < workload.num_layers:
-            raise ValueError(f"plan block {bp.index} is not in 0..{workload.num_layers - 1}")
 
 
 # ---------------------------------------------------------------------------- report types
@@ -835,9 +813,9 @@ def _report(core: _Core, batch: PlanBatch, accel: Accelerator) -> HwReport:
         if not last_of_mixer:
             continue
         if batch.mlgru[0, block]:  # the token mixer's own row after its projections
-            add(LayerCost(f"{w.block_prefix}.{block}.mlgru", "mlgru", block, compute_cycles=float(core.mlgru_cycles)))
+            add(LayerCost(w.mlgru_module(block), "mlgru", block, compute_cycles=float(core.mlgru_cycles)))
         else:
-            add(LayerCost(w.attention_name.format(i=block), "attention fp16", block, macs=attn_macs,
+            add(LayerCost(w.attention_module(block), "attention fp16", block, macs=attn_macs,
                           kept_macs=attn_macs, kv_bytes=int(kv_read), memory_bytes=kv_read,
                           compute_cycles=float(attn_compute[0])))
 

@@ -154,7 +154,7 @@ def test_from_attention_initialisation(clean_model):
 
 
 def test_install_names_causality_and_uninstall(clean_model):
-    from hwcost.workload import Workload
+    from dse.arch import Workload
 
     model, tok = clean_model
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog because it was in a hurry to get home")])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from hwcost import Workload
-from hwcost.workload import BUILTIN_CONFIGS, FAMILY_TYPES
+from dse.arch import BUILTIN_CONFIGS, FAMILIES
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,6 +60,26 @@ CONFIGS = {
     "gemma3-2l": {"model_type": "gemma3_text", "num_hidden_layers": 2, "hidden_size": 1152,
                   "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
                   "intermediate_size": 6912, "vocab_size": 262144},
+    # Qwen/Qwen3-0.6B shape with 2 layers: head_dim 128 given explicitly (16 x 128 = 2048 != hidden 1024), q/k norms
+    "qwen3-2l": {"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 1024, "num_attention_heads": 16,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151936,
+                 "tie_word_embeddings": True},
+    # Qwen3 with sliding windows on blocks >= max_window_layers, and attention biases on q, k, v, o
+    "qwen3-sliding": {"model_type": "qwen3", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 512, "vocab_size": 1000,
+                      "attention_bias": True, "use_sliding_window": True, "sliding_window": 128,
+                      "max_window_layers": 2},
+    # microsoft/Phi-3-mini-4k-instruct shape with 2 layers: fused qkv_proj and gate_up_proj
+    "phi3-mini-2l": {"model_type": "phi3", "num_hidden_layers": 2, "hidden_size": 3072, "num_attention_heads": 32,
+                     "num_key_value_heads": 32, "intermediate_size": 8192, "vocab_size": 32064,
+                     "sliding_window": 2047},
+    # Phi-3 with grouped KV heads (Phi-3-medium style, 40 heads / 10 KV heads), shrunk
+    "phi3-gqa": {"model_type": "phi3", "num_hidden_layers": 2, "hidden_size": 320, "num_attention_heads": 10,
+                 "num_key_value_heads": 2, "intermediate_size": 640, "vocab_size": 32064},
+    # google/gemma-3-270m shape: hidden 640, 4 heads x head_dim 256 (1024 != 640), 1 KV head, vocab 262,144
+    "gemma3-270m": {"model_type": "gemma3_text", "num_hidden_layers": 18, "hidden_size": 640,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                    "intermediate_size": 2048, "vocab_size": 262144, "sliding_window": 512},
 }
 
 # Published / model-card parameter counts of the real models among CONFIGS (torch's count)
@@ -116,7 +136,26 @@ def test_linear_layers_match_transformers(name, references):
 
 def test_every_family_is_covered():
     covered = {Workload.from_hf_config(c).family for c in CONFIGS.values()} | {"hgrn_bit"}
-    assert covered == set(FAMILY_TYPES)
+    assert covered == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sliding_windows_match_transformers_configs(name):
+    """Which blocks slide, and over how many tokens, as transformers' config classes derive it."""
+    from transformers import AutoConfig
+
+    fields = dict(CONFIGS[name])
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    window = getattr(cfg, "sliding_window", None) or 0
+    types = getattr(cfg, "layer_types", None)
+    expected = ([i for i, t in enumerate(types) if t == "sliding_attention"] if types is not None
+                else list(range(cfg.num_hidden_layers)) if window else [])
+    workload = Workload.from_hf_config(CONFIGS[name])
+    assert list(workload.sliding_blocks) == (expected if window else [])
+    assert workload.sliding_window == (window if expected else 0)
+    for block in range(workload.num_layers):
+        sees = workload.attended_tokens(block, 100_000)
+        assert sees == (window if block in expected else 100_000)
 
 
 def test_family_specifics():
@@ -131,6 +170,15 @@ def test_family_specifics():
     qwen = Workload.from_hf_config(CONFIGS["qwen2"])
     assert qwen.attention_layers(0)[1][1:3] == (896, 128)  # 2 KV heads x head_dim 64
     assert qwen.qkv_bias and not qwen.o_bias
+    phi = Workload.from_hf_config(CONFIGS["phi3-gqa"])
+    assert [tuple(x)[:3] for x in phi.attention_layers(1)] == [
+        ("model.layers.1.self_attn.qkv_proj", 320, (10 + 2 * 2) * 32), ("model.layers.1.self_attn.o_proj", 320, 320)]
+    assert phi.mlgru_counterpart("model.layers.1.mlgru.c_proj") == "model.layers.1.self_attn.qkv_proj"
+    assert phi.mlp_kind == "glu" and opt.mlp_kind == "mlp"
+    gemma3 = Workload.from_hf_config(CONFIGS["gemma3-270m"])
+    assert gemma3.mixer_width == 1024 != gemma3.hidden  # the MLGRU still maps hidden -> hidden
+    assert all(x[1:3] == (640, 640) for x in gemma3.mlgru_layers(16))
+    assert gemma3.mlgru_counterpart("model.layers.16.mlgru.o_proj") == "model.layers.16.self_attn.o_proj"
 
 
 # ------------------------------------------------------------------ HGRN-bit (MatMul-free LM)
@@ -188,7 +236,7 @@ def test_unknown_model_type_lists_families():
         Workload.from_hf_config({"model_type": "mamba"})
     message = str(err.value)
     assert "\n" not in message and message.startswith("model_type 'mamba' is not supported")
-    assert all(family in message for family in FAMILY_TYPES)
+    assert all(family in message for family in FAMILIES)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -27,7 +27,7 @@ short convolution (the MatMul-free LM's defaults).
 
 The four projections are ``hidden -> hidden`` and, once :func:`install`-ed in
 block ``i``, are named ``model.layers.{i}.mlgru.{f,c,g,o}_proj``: the names
-``hwcost.workload.Workload.mlgru_layers`` gives (``MLGRU_PROJ``).
+``dse.arch.Workload.mlgru_layers`` gives (``MLGRU_PROJ``).
 
 The recurrence is computed by a parallel (Hillis-Steele) scan over time,
 ``log2(T)`` element-wise passes over the whole ``[B, T, hidden]`` tensors, with
