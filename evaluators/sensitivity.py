@@ -25,8 +25,8 @@ from pathlib import Path
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
 from dse.space import Unit, block_index
 from dse.spec import StudySpec
+from dse.textio import write_atomic
 from evaluators.compress.cache import entry_key
-from evaluators.corpus import write_atomic
 
 
 def unit_choices(unit: Unit) -> list[LayerPlan]:

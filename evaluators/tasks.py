@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from evaluators import corpus
-from evaluators.corpus import CorpusError, file_lock, write_atomic
+from dse.textio import write_atomic
+from evaluators.corpus import CorpusError, file_lock
 from evaluators.paths import cache_dir
 
 GROUP = "shakespeare"

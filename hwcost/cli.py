@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, PlanError, Sparsity, WeightFormat
+from dse.textio import format_table
 from hwcost.accelerator import CLOCK_RANGE_MHZ, Accelerator
 from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices,
                             load_devices_file, user_devices)
@@ -334,18 +335,6 @@ def check_nm_divides(plan: ModelPlan, workload: Workload, flag: str) -> None:
 
 
 # ---------------------------------------------------------------------------- output
-def format_table(rows: list[list], headers: list[str], right: set[int] | None = None) -> str:
-    """Plain aligned text table; columns in ``right`` (indices) are right-aligned."""
-    right = right or set()
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
 def _n(value: float) -> str:
     return f"{value:,.0f}"
 

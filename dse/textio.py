@@ -1,0 +1,45 @@
+"""Text output every package shares (vocabulary layer: stdlib only): atomic file writes and aligned tables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write to; it replaces ``path`` (``os.replace``) when the block
+    ends without an error, so readers never see half a file. On an error the sibling is removed."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file (text as UTF-8 with ``\\n`` line ends) via :func:`replacing`."""
+    with replacing(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8", newline="\n")
+        else:
+            tmp.write_bytes(data)
+
+
+def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str], right: set[int] | None = None,
+                 strip: bool = True) -> str:
+    """Plain aligned text table: a header line, a line of dashes, one line per row, two spaces between
+    columns; columns in ``right`` (indices) are right-aligned, and ``strip`` drops trailing blanks."""
+    right = right or set()
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        text = "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return text.rstrip() if strip else text
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
