@@ -35,8 +35,6 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq", "refit")
 """``rtn`` round-to-nearest (ternary: BitLinear absmean), ``gptq`` error-compensated rounding with the layer
 Hessian, ``refit`` (ternary only) absmean codes with per-channel scales refitted by least squares."""
-SCALE_BITS = 16
-"""Bits of each stored quantisation scale (FP16)."""
 
 
 class PlanError(ValueError):
@@ -115,13 +113,6 @@ class WeightFormat:
     def bits(self) -> int:
         """Bits of one stored weight value (ternary stored as 2-bit codes)."""
         return 2 if self.is_ternary else int(self.name)
-
-    @property
-    def scale_bits_per_weight(self) -> float:
-        """Amortised scale overhead in bits per stored weight (integer formats only)."""
-        if self.is_float or self.is_ternary:
-            return 0.0
-        return SCALE_BITS / self.group_size
 
     def __str__(self) -> str:
         if self.is_float or self.is_ternary:

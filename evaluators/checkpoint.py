@@ -78,7 +78,6 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "checkpoint.json"
 CONFIG = "config.json"
-PARTS = ("qweight", "scales", "zeros", "nm_mask", "values")
 
 __all__ = ["write_checkpoint", "load_checkpoint", "save_applied", "read_manifest", "CheckpointError",
            "pack_codes", "unpack_codes", "pack_mask", "unpack_mask", "FORMAT_VERSION"]

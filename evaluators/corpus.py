@@ -298,11 +298,6 @@ def calibration_text(seed: int = 0, max_chars: int | None = None) -> str:
     return split_text("calibration", seed, max_chars)
 
 
-def validation_text(seed: int = 0, max_chars: int | None = None) -> str:
-    """Text of the validation works (for proxy perplexity / KL on fixed tokens; not used by the tasks)."""
-    return split_text("validation", seed, max_chars)
-
-
 def _passage(rng: random.Random, texts: list[str], weights: list[int], chars: int) -> str:
     text = rng.choices(texts, weights=weights)[0]
     start = rng.randrange(max(1, len(text) - chars))
@@ -319,28 +314,16 @@ def _split_sampler(split: str, seed: int) -> tuple[list[str], list[int]]:
     return texts, [len(t) for t in texts]
 
 
-def sample_passages(n: int, chars: int = 2000, split: str = "calibration", seed: int = 0) -> list[str]:
-    """``n`` passages of about ``chars`` characters from one split's works, deterministic for ``seed``.
-
-    Works are chosen with probability proportional to their length; each passage starts at
-    a line start and ends at the first line end at or after ``chars`` characters (or the end
-    of the work, so a passage near the end of a work may be shorter).
-    """
-    if n < 0 or chars < 1:
-        raise ValueError("sample_passages: n must be >= 0 and chars >= 1")
-    texts, weights = _split_sampler(split, seed)
-    rng = random.Random(f"passages-{split}-{seed}")
-    return [_passage(rng, texts, weights, chars) for _ in range(n)]
-
-
 def token_windows(tokenizer: Callable | object, n: int, seq_len: int, split: str = "calibration",
                   seed: int = 0) -> list[list[int]]:
     """``n`` windows of exactly ``seq_len`` token ids from one split (default: calibration works only).
 
     ``tokenizer`` is a Hugging Face tokenizer (its ``encode`` is called with
     ``add_special_tokens=False``) or any callable mapping a string to a list of ids. Each
-    window is the start of a random passage (as in :func:`sample_passages`), extended with
-    further random passages of the same split when it is shorter than ``seq_len`` tokens.
+    window is the start of a random passage, extended with further random passages of the same
+    split when it is shorter than ``seq_len`` tokens. Works are chosen with probability proportional
+    to their length; a passage starts at a line start and ends at the first line end after about
+    ``6 * seq_len`` characters (or at the end of its work).
     """
     if n < 0 or seq_len < 1:
         raise ValueError("token_windows: n must be >= 0 and seq_len >= 1")
@@ -379,8 +362,7 @@ def describe_split(seed: int = 0) -> str:
 
 __all__ = [
     "CorpusError", "SDIST_SHA256", "SPLITS", "calibration_text", "clean_text", "corpus_dir", "describe_split",
-    "load_works", "sample_passages", "split_text", "split_works", "token_windows", "validation_text",
-    "work_titles",
+    "load_works", "split_text", "split_works", "token_windows", "work_titles",
 ]
 
 

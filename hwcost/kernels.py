@@ -127,13 +127,6 @@ def value_bits(fmt: WeightFormat) -> float:
     return float(fmt.bits)
 
 
-def index_bits_per_group(sparsity: Sparsity | None) -> int:
-    """N:M index metadata bits per group of M weights: N * ceil(log2 M) (0 when dense)."""
-    if sparsity is None:
-        return 0
-    return int(sparsity.n * np.ceil(np.log2(sparsity.m)))
-
-
 SCALES_NONE, SCALES_TENSOR, SCALES_GROUP = 0, 1, 2
 """How a format stores scales (codes for the array forms): none (fp16), one per tensor (ternary), per group (INT)."""
 
@@ -172,8 +165,3 @@ def storage_bits(in_features: int, out_features: int, sparsity: Sparsity | None,
     n, m = (1, 1) if sparsity is None else (sparsity.n, sparsity.m)
     parts = storage_bits_arrays(in_features, out_features, n, m, value_bits(fmt), fmt.group_size, scales_kind(fmt))
     return dict(zip(("values", "scales", "index", "total"), (float(x) for x in parts[:4])))
-
-
-def storage_bytes(in_features: int, out_features: int, sparsity: Sparsity | None, fmt: WeightFormat) -> int:
-    """Bytes of one linear layer's stored weights: ceil(total bits / 8)."""
-    return int(np.ceil(storage_bits(in_features, out_features, sparsity, fmt)["total"] / 8))

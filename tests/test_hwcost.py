@@ -14,7 +14,7 @@ import pytest
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
 from hwcost import Accelerator, HwReport, METRICS, Workload, estimate, get_device, list_devices
 from hwcost.devices import constants
-from hwcost.kernels import index_bits_per_group, storage_bits
+from hwcost.kernels import storage_bits
 
 SMOLLM2 = {  # HuggingFaceTB/SmolLM2-135M config.json (the fields hwcost reads)
     "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
@@ -113,10 +113,10 @@ def test_nm_int4_storage_ratio_and_index_bits():
 
 
 def test_index_bits_per_pattern():
-    assert index_bits_per_group(Sparsity(1, 4)) == 2   # 2 bits per 4 weights
-    assert index_bits_per_group(Sparsity(4, 8)) == 12  # 4 * 3 bits per 8 weights
-    assert index_bits_per_group(None) == 0
-    assert storage_bits(8, 1, Sparsity(4, 8), WeightFormat("8"))["index"] == 12
+    # N * ceil(log2 M) index bits per group of M weights, none when dense
+    assert storage_bits(4, 1, Sparsity(1, 4), WeightFormat("8"))["index"] == 2   # 2 bits per 4 weights
+    assert storage_bits(8, 1, Sparsity(4, 8), WeightFormat("8"))["index"] == 12  # 4 * 3 bits per 8 weights
+    assert storage_bits(8, 1, None, WeightFormat("8"))["index"] == 0
 
 
 def test_ternary_storage_defaults():
