@@ -482,8 +482,9 @@ class Workload:
 def check_plan(plan: ModelPlan, workload: Workload) -> None:
     """Raise :class:`PlanMismatch` (one line) for the first thing in ``plan`` the model cannot take.
 
-    Checked: every named layer is a linear layer of the model (attention and MLGRU projections of every
-    block may be named: the block's mixer decides which of them run), every block index exists and can take its mixer (hgrn_bit blocks have no
+    Checked: every named layer is a linear layer of the model (an attention projection in any block: the
+    MLGRU replacing it inherits its plan; an MLGRU projection only where the plan sets the mixer to mlgru),
+    every block index exists and can take its mixer (hgrn_bit blocks have no
     attention to keep), and every N:M pattern's M divides the input width of the layer it applies to
     (MLGRU projections inheriting their counterpart's pattern included). Weight formats and bits are
     checked by :class:`~dse.plan.WeightFormat` when the plan is built.
@@ -499,12 +500,14 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
                                "attention; allowed: mlgru", block=bp.index)
         if bp.mixer == "mlgru":
             mlgru.add(bp.index)
-    names = workload.layer_names()
+    names = {layer.name for layer in workload.linear_layers()} | {layer.name for layer in workload.linear_layers(mlgru)}
     for lp in plan.layers:
         if lp.name not in names:
+            hint = (" (an MLGRU projection needs its block's mixer set to mlgru)"
+                    if lp.name in workload.layer_names() else "")
             example = workload.linear_layers()[0].name
             raise PlanMismatch(f"plan layer '{lp.name}' is not a linear layer of the workload (e.g. '{example}', "
-                               "'lm_head')", layer=lp.name, problem=f"is not in the workload ({n} blocks)")
+                               f"'lm_head'){hint}", layer=lp.name, problem=f"is not in the workload ({n} blocks){hint}")
     widths = {layer.name: layer.in_features for layer in workload.linear_layers(mlgru)}
     for name, lp in workload.effective_plan(plan).items():
         if lp.sparsity is not None and widths[name] % lp.sparsity.m:

@@ -28,18 +28,21 @@ def random_plans(workload: Workload, count: int, seed: int) -> list[ModelPlan]:
                    workload.linear_layers() + workload.linear_layers(range(workload.num_layers))}
     plans = [ModelPlan()]  # all FP16 dense
     for _ in range(count - 1):
+        if workload.token_mixer == "mlgru":
+            blocks = tuple(BlockPlan(i, "mlgru") for i in range(workload.num_layers))
+        else:
+            blocks = tuple(BlockPlan(i, "mlgru") for i in range(workload.num_layers) if rng.random() < 0.3)
+        mlgru = {bp.index for bp in blocks}
         layers = []
         for name in names:
+            if ".mlgru." in name and workload.block_of(name) not in mlgru:
+                continue  # a substituted MLGRU projection exists only in a block whose mixer is mlgru
             if rng.random() < 0.7:
                 sp = rng.choice([None, Sparsity(2, 4), Sparsity(1, 4), Sparsity(4, 8)])
                 if sp is not None and in_features[name] % sp.m:
                     sp = None
                 layers.append(LayerPlan(name, sp, WeightFormat(rng.choice(["16", "8", "6", "4", "3", "2", "ternary"]),
                                                                rng.choice([64, 128]))))
-        if workload.token_mixer == "mlgru":
-            blocks = tuple(BlockPlan(i, "mlgru") for i in range(workload.num_layers))
-        else:
-            blocks = tuple(BlockPlan(i, "mlgru") for i in range(workload.num_layers) if rng.random() < 0.3)
         plans.append(ModelPlan(layers=tuple(layers), blocks=blocks))
     return plans
 

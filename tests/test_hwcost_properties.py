@@ -63,10 +63,12 @@ sparsities = st.one_of(
 choices = st.tuples(sparsities, st.sampled_from(FORMATS), st.sampled_from(GROUPS))
 
 
-def _all_names(workload: Workload) -> list[str]:
-    """Attention, MLP and lm_head names, then the MLGRU projection names (a plan may name both)."""
+def _all_names(workload: Workload, plan: ModelPlan | None = None) -> list[str]:
+    """Attention, MLP and lm_head names, then the MLGRU projection names of every block (of ``plan``'s MLGRU
+    blocks when given: a plan may name both there, and a substituted MLGRU projection exists nowhere else)."""
     names = [layer.name for layer in workload.linear_layers()]
-    return names + [layer.name for i in range(workload.num_layers) for layer in workload.mlgru_layers(i)]
+    blocks = range(workload.num_layers) if plan is None else [b.index for b in plan.blocks if b.mixer == "mlgru"]
+    return names + [layer.name for i in blocks for layer in workload.mlgru_layers(i)]
 
 
 @st.composite
@@ -75,19 +77,19 @@ def plans(draw, workload: Workload, mixers: str | None = None) -> ModelPlan:
     palette = draw(st.lists(choices, min_size=1, max_size=5))
     rnd = draw(st.randoms(use_true_random=False))
     name_mlgru = draw(st.booleans())
-    layers = []
-    for name in _all_names(workload):
-        if ".mlgru." in name and not name_mlgru:
-            continue  # MLGRU projections then inherit their attention counterpart's plan
-        k = rnd.randrange(len(palette) + 1)
-        if k < len(palette):
-            sp, fmt, group = palette[k]
-            layers.append(LayerPlan(name, sp, WeightFormat(fmt, group)))
     mode = mixers or draw(st.sampled_from(("attention", "mlgru", "mixed")))
     if mode == "mixed":
         kinds = [rnd.choice(("attention", "mlgru")) for _ in range(workload.num_layers)]
     else:
         kinds = [mode] * workload.num_layers
+    layers = []
+    for name in _all_names(workload):
+        if ".mlgru." in name and (not name_mlgru or kinds[workload.block_of(name)] != "mlgru"):
+            continue  # MLGRU projections then inherit their attention counterpart's plan (or do not exist)
+        k = rnd.randrange(len(palette) + 1)
+        if k < len(palette):
+            sp, fmt, group = palette[k]
+            layers.append(LayerPlan(name, sp, WeightFormat(fmt, group)))
     blocks = tuple(BlockPlan(i, kind) for i, kind in enumerate(kinds))
     return ModelPlan(layers=tuple(layers), blocks=blocks)
 
@@ -157,7 +159,7 @@ def test_fewer_bits_never_increase_bytes_or_memory_bound_latency(data):
     workload = data.draw(st.sampled_from(WORKLOADS))
     plan = data.draw(plans(workload))
     accel = data.draw(st.one_of(accelerators, memory_bound_accelerators))
-    names = _all_names(workload)
+    names = _all_names(workload, plan)
     name = data.draw(st.one_of(st.just("lm_head"), st.sampled_from(names)))  # lm_head: the tied exception
     old = _effective(plan, workload, name)
     if data.draw(st.booleans()):  # often start from a format with a narrower one on the same engine
@@ -202,7 +204,7 @@ def test_fewer_kept_weights_of_the_same_m_never_increase_bytes(data):
     workload = data.draw(st.sampled_from(WORKLOADS))
     plan = data.draw(plans(workload))
     accel = data.draw(accelerators)
-    names = _all_names(workload)
+    names = _all_names(workload, plan)
     name = names[data.draw(st.integers(0, len(names) - 1))]
     old = _effective(plan, workload, name)
     m = old.sparsity.m if old.sparsity else data.draw(st.sampled_from(M_VALUES))
@@ -229,7 +231,7 @@ def test_dense_to_nm_never_increases_bytes_when_index_fits_in_pruned_values(data
     workload = data.draw(st.sampled_from(WORKLOADS))
     plan = data.draw(plans(workload))
     accel = data.draw(accelerators)
-    names = _all_names(workload)
+    names = _all_names(workload, plan)
     name = names[data.draw(st.integers(0, len(names) - 1))]
     fmt = _effective(plan, workload, name).fmt
     plan = _with(plan, name, None, fmt)
