@@ -85,8 +85,11 @@ def layer_sources(study) -> tuple[int, int]:
     return computed, cached
 
 
-def mixers_text(trial) -> str:
-    blocks = [b["index"] for b in trial.user_attrs.get("plan", {}).get("blocks", []) if b.get("mixer") == "mlgru"]
+def mixers_text(study, trial) -> str:
+    from dse.records import TrialRecords
+
+    plan = TrialRecords.of(study).plan(trial) or {}
+    blocks = [b["index"] for b in plan.get("blocks", []) if b.get("mixer") == "mlgru"]
     return f"{len(blocks)} MLGRU blocks" if blocks else "no MLGRU"
 
 
@@ -217,7 +220,7 @@ def main() -> int:
             all_dominated = False
             continue
         print(f"  {label}: trial {base_trial.number}, {values_text(base_trial.values, names)}; "
-              f"{mixers_text(base_trial)}; {plan_label(base_trial.user_attrs)}"
+              f"{mixers_text(studies['ours'], base_trial)}; {plan_label(base_trial.user_attrs)}"
               f"{'' if is_feasible(base_trial) else '  (NOT feasible: ' + str(base_trial.constraints) + ')'}")
         filled = sorted(set(base_trial.params) - set(known[label].params))
         if filled:  # the warm start left these parameters to the sampler: not the uniform plan
@@ -238,7 +241,7 @@ def main() -> int:
                 continue
             best = min(better, key=lambda t: losses([t.values], directions)[0, 0])  # best on the first objective
             print(f"    {who} dominated by {len(better)} trial(s), e.g. trial {best.number}: "
-                  f"{values_text(best.values, names)}; {mixers_text(best)}; {plan_label(best.user_attrs)}")
+                  f"{values_text(best.values, names)}; {mixers_text(studies[key], best)}; {plan_label(best.user_attrs)}")
     print(f"every uniform baseline dominated by another trial of (a): {'yes' if all_dominated else 'NO'}")
 
     print(f"\nPareto set of (a) {ours.study}:")

@@ -11,8 +11,8 @@ view can be linked: ``?view=Study&study=NAME&trial=N``):
   evaluation by task, and the ``dse export`` bundle as a download;
 * **Compare**: two trials side by side.
 
-Data access is in :mod:`dse.reader` (light, incremental trial reads) and :mod:`dashboard.data`;
-figures in :mod:`dashboard.charts`.
+Data access is in :mod:`dse.reader` (the studies' overview, incremental trial reads), :mod:`dse.records`
+(one trial's plan and per-layer report) and :mod:`dashboard.data`; figures in :mod:`dashboard.charts`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import streamlit as st
 
 from dashboard import charts, data
 from dse.reader import StorageError, TrialReader, existing_storage, study_overviews
+from dse.records import TrialRecords, study_key
 
 REFRESH_S = 5
 VIEWS = ("Studies", "Study", "Trial", "Compare")
@@ -47,16 +48,22 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 @st.cache_resource(show_spinner=False)
-def reader_for(url: str, study_id: int) -> TrialReader:
-    """One incremental reader per study, shared by every browser session."""
-    return TrialReader(open_storage(url), study_id)
+def reader_for(url: str, name: str, study_id: int) -> TrialReader:
+    """One incremental reader per study (``study_id``: a study deleted and created again is another),
+    shared by every browser session."""
+    return TrialReader(open_storage(url), name)
 
 
-def load(url: str, name: str, study_id: int) -> tuple[optuna.Study, list, pd.DataFrame]:
-    """The study (attributes only), its light trials and their table."""
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
-    trials = reader_for(url, study_id).trials()
-    return study, trials, data.trials_frame(study, trials)
+def load(url: str, name: str) -> tuple[optuna.Study, list, pd.DataFrame]:
+    """The study, its trials and their table."""
+    reader = reader_for(url, name, open_storage(url).get_study_id_from_name(name))
+    trials = reader.trials()
+    return reader.study, trials, data.trials_frame(reader.study, trials)
+
+
+def records_of(url: str, study: optuna.Study) -> TrialRecords:
+    """The study's plans and per-layer reports (:mod:`dse.records`)."""
+    return TrialRecords(open_storage(url).engine, study_key(study))
 
 
 def _param(key: str, default=None):
@@ -86,8 +93,8 @@ def studies_view(url: str) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="studies-table")
 
 
-def study_view(url: str, name: str, study_id: int) -> None:
-    study, trials, frame = load(url, name, study_id)
+def study_view(url: str, name: str) -> None:
+    study, trials, frame = load(url, name)
     spec = study.user_attrs.get("spec", {})
     st.subheader(name)
     st.caption(f"model {spec.get('model') or study.user_attrs.get('model')} · device "
@@ -165,17 +172,15 @@ def _choice_label(frame: pd.DataFrame):
     return label
 
 
-def full_trial(url: str, trials, number: int) -> optuna.trial.FrozenTrial:
-    """One trial with every attribute (plan, per-layer report), through Optuna's storage API."""
-    trial_id = next(t._trial_id for t in trials if t.number == number)
-    return open_storage(url).get_trial(trial_id)
+def trial_of(trials, number: int) -> optuna.trial.FrozenTrial:
+    return next(t for t in trials if t.number == number)
 
 
-def trial_details(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str) -> None:
+def trial_details(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, records: TrialRecords) -> None:
     from dse.study import full_result
 
-    hw = trial.user_attrs.get("hw", {})
-    plan = trial.user_attrs.get("plan")
+    hw = records.report(trial) or {}
+    plan = records.plan(trial)
     if plan:
         labels, bits = data.plan_grid(plan, study.user_attrs.get("workload"))
         st.plotly_chart(charts.plan_map(labels, bits, f"Plan map, trial {trial.number}"), key=f"map-{key}",
@@ -203,10 +208,10 @@ def trial_details(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str
         st.dataframe(evaluation, hide_index=True, width="stretch", key=f"eval-{key}")
 
 
-def trial_view(url: str, name: str, study_id: int) -> None:
+def trial_view(url: str, name: str) -> None:
     from dse.export import bundle_zip
 
-    study, trials, frame = load(url, name, study_id)
+    study, trials, frame = load(url, name)
     choices = _trial_choices(frame) if not frame.empty else []
     if not choices:
         st.info("No finished trials yet.")
@@ -215,19 +220,19 @@ def trial_view(url: str, name: str, study_id: int) -> None:
     index = choices.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in choices else 0
     number = st.selectbox("trial", choices, index=index, format_func=_choice_label(frame), key=f"trial-{name}")
     st.query_params["trial"] = str(number)
-    trial = full_trial(url, trials, number)
+    trial, records = trial_of(trials, number), records_of(url, study)
     row = frame.set_index("trial").loc[number]
     st.subheader(f"{name}: trial {number}")
     st.caption(f"{row['status']} · {row.get('plan', '')}")
-    if "plan" in trial.user_attrs:
+    if records.plan(trial) is not None:
         st.download_button("Export bundle (plan.yaml, hw_report.json, evaluation.json, summary.txt)",
-                           lambda: bundle_zip(study, trial), file_name=f"{name}-trial{number}.zip",
+                           lambda: bundle_zip(study, trial, records), file_name=f"{name}-trial{number}.zip",
                            mime="application/zip", key=f"export-{name}-{number}", on_click="ignore")
-    trial_details(study, trial, f"{name}-{number}")
+    trial_details(study, trial, f"{name}-{number}", records)
 
 
-def compare_view(url: str, name: str, study_id: int) -> None:
-    study, trials, frame = load(url, name, study_id)
+def compare_view(url: str, name: str) -> None:
+    study, trials, frame = load(url, name)
     choices = _trial_choices(frame) if not frame.empty else []
     if len(choices) < 2:
         st.info("Comparing needs two finished trials.")
@@ -239,13 +244,13 @@ def compare_view(url: str, name: str, study_id: int) -> None:
     rows = frame.set_index("trial", drop=False)
     st.markdown("**Figures**")
     st.dataframe(data.compare_frame(rows.loc[a], rows.loc[b]), hide_index=True, width="stretch", key="cmp-figures")
-    ta, tb = full_trial(url, trials, a), full_trial(url, trials, b)
-    diff = data.plan_diff(ta.user_attrs.get("plan", {}), tb.user_attrs.get("plan", {}))
+    ta, tb, records = trial_of(trials, a), trial_of(trials, b), records_of(url, study)
+    diff = data.plan_diff(records.plan(ta) or {}, records.plan(tb) or {})
     st.markdown(f"**Plan differences** ({len(diff)} units)")
     st.dataframe(diff, hide_index=True, width="stretch", key="cmp-diff")
     for col, trial in zip(st.columns(2), (ta, tb)):
         with col:
-            trial_details(study, trial, f"cmp-{trial.number}")
+            trial_details(study, trial, f"cmp-{trial.number}", records)
 
 
 # ------------------------------------------------------------------ page
@@ -261,8 +266,7 @@ def main() -> None:
     if not overviews:
         st.info(f"No studies in {_display(url)} yet.")
         return
-    ids = {o.name: o.study_id for o in overviews}
-    names = list(ids)
+    names = [o.name for o in overviews]
     wanted_view, wanted_study = _param("view", "Study"), _param("study")
     view = st.sidebar.radio("view", VIEWS, index=VIEWS.index(wanted_view) if wanted_view in VIEWS else 1, key="view")
     name = st.sidebar.selectbox("study", names, index=names.index(wanted_study) if wanted_study in names else 0,
@@ -274,11 +278,11 @@ def main() -> None:
     if view == "Studies":
         st.fragment(studies_view, run_every=refresh)(url)
     elif view == "Study":
-        st.fragment(study_view, run_every=refresh)(url, name, ids[name])
+        st.fragment(study_view, run_every=refresh)(url, name)
     elif view == "Trial":
-        trial_view(url, name, ids[name])
+        trial_view(url, name)
     else:
-        compare_view(url, name, ids[name])
+        compare_view(url, name)
 
 
 main()

@@ -1,6 +1,7 @@
 """The dashboard's tables, built from stored trials (pure functions: no Streamlit, no drawing).
 
-Every frame is derived from what the driver stored (plan, hardware report, evaluation) and from the
+Every frame is derived from what the driver stored (the trials' scalars; one trial's plan and hardware
+report, :mod:`dse.records`) and from the
 ``dse`` functions that ``dse status`` and ``dse export`` use (Pareto front, hypervolume, table rows),
 so the dashboard and the command line agree on every number.
 """
@@ -35,10 +36,6 @@ HW_LABELS = {
 AXES = {**MODEL_AXES, **{name: (HW_LABELS.get(name, name), meta["direction"]) for name, meta in METRICS.items()}}
 """Every quantity a chart axis may show: name -> (label with unit, natural direction)."""
 
-STATUSES = ("pareto", "feasible", "infeasible", "unrecorded", "running", "failed", "pruned", "waiting")
-"""``pareto``/``feasible``: evaluated, meets every constraint (on the study's front or not); ``infeasible``:
-screened out by the cost model or a constraint; ``unrecorded``: complete but without the driver's records
-(a study written by another tool or an old version); then the unfinished states."""
 _STATE_STATUS = {TrialState.RUNNING: "running", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
                  TrialState.WAITING: "waiting"}
 BLOCK_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|decoder\.layers)\.(\d+)\.(.+)$")
@@ -46,6 +43,9 @@ BLOCK_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|decoder\.layers)\.(\d+)\
 
 # ------------------------------------------------------------------ the study view
 def status_of(trial: optuna.trial.FrozenTrial, front: set[int]) -> str:
+    """``pareto``/``feasible``: evaluated, meets every constraint (on the study's front or not); ``infeasible``:
+    screened out by the cost model or a constraint; ``unrecorded``: complete but without the driver's records
+    (a study written by another tool or an old version); else the unfinished state (``running``, ...)."""
     if trial.state != TrialState.COMPLETE:
         return _STATE_STATUS.get(trial.state, trial.state.name.lower())
     if is_feasible(trial):

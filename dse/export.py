@@ -1,5 +1,6 @@
 """Exporting a chosen trial: plan YAML, hardware report JSON, evaluation JSON, a short summary, and
-optionally the compressed model (:mod:`evaluators.checkpoint`).
+optionally the compressed model (:mod:`evaluators.checkpoint`). The plan and the report are the trial's
+records (:mod:`dse.records`; the user attributes in studies written before them).
 
 Choosing: ``--trial N``, or ``--pick`` among the Pareto trials that pass every ``--where``
 condition (``metric >= value`` or ``<=`` on a hardware metric, ``proxy_kl``, ``proxy_ppl`` or
@@ -24,7 +25,8 @@ import optuna
 import yaml
 
 from dse.pareto import bounds, is_feasible, losses, study_front
-from dse.report import trial_row
+from dse.records import TrialRecords
+from dse.report import hw_metrics, trial_row
 
 PICKS = ("knee", "max-accuracy", "min-latency", "min-energy")
 WHERE_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -35,8 +37,8 @@ class ExportError(ValueError):
 
 
 def _metric(trial, full: dict | None, name: str) -> float | None:
-    """A trial's value of ``name``: hardware report, proxy or full-fidelity figure."""
-    hw = trial.user_attrs.get("hw", {})
+    """A trial's value of ``name``: hardware metric, proxy or full-fidelity figure."""
+    hw = hw_metrics(trial.user_attrs)
     proxy = trial.user_attrs.get("eval", {}).get("proxy", {})
     if name in ("proxy_kl", "proxy_ppl"):
         return proxy.get(name[len("proxy_"):])
@@ -61,8 +63,9 @@ def parse_where(conditions: list[str]) -> list[tuple[str, str, float]]:
 
 
 def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "knee",
-                 where: list[str] | None = None):
-    """Trial ``number`` if given, else the Pareto trial ``pick`` selects among those meeting ``where``."""
+                 where: list[str] | None = None, records: TrialRecords | None = None):
+    """Trial ``number`` if given, else the Pareto trial ``pick`` selects among those meeting ``where``.
+    ``records``: the study's (default: found through the storage the study was loaded from)."""
     from dse.study import full_results
 
     if number is not None:
@@ -70,7 +73,8 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "kn
         if not trials:
             raise ExportError(f"--trial: study '{study.study_name}' has no trial {number}")
         trial = trials[0]
-        if trial.state != optuna.trial.TrialState.COMPLETE or "plan" not in trial.user_attrs:
+        records = records or TrialRecords.of(study)
+        if trial.state != optuna.trial.TrialState.COMPLETE or records.plan(trial) is None:
             raise ExportError(f"--trial: trial {number} is {trial.state.name}, not a completed trial with a plan")
         return trial
     if pick not in PICKS:
@@ -105,11 +109,14 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "kn
 
 
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
-                 progress=None) -> list[Path]:
+                 progress=None, records: TrialRecords | None = None) -> list[Path]:
     """Write the bundle for ``trial`` into ``out``; with ``checkpoint`` also the compressed model in
-    ``out/checkpoint`` (loadable with :func:`evaluators.checkpoint.load_checkpoint`). Returns the files."""
+    ``out/checkpoint`` (loadable with :func:`evaluators.checkpoint.load_checkpoint`). Returns the files.
+    ``records``: the study's (default: found through the storage the study was loaded from)."""
     from dse.study import full_result
 
+    records = records or TrialRecords.of(study)
+    plan, hw = records.plan(trial), records.report(trial) or {}
     out.mkdir(parents=True, exist_ok=True)
     spec = study.user_attrs.get("spec", {})
     full = full_result(study, trial)
@@ -119,10 +126,10 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
     if full is not None:
         evaluation["full"] = full
     files = {
-        "plan.yaml": yaml.safe_dump({**header, "plan": trial.user_attrs["plan"]}, sort_keys=False),
-        "hw_report.json": json.dumps(trial.user_attrs.get("hw", {}), indent=1),
+        "plan.yaml": yaml.safe_dump({**header, "plan": plan}, sort_keys=False),
+        "hw_report.json": json.dumps(hw, indent=1),
         "evaluation.json": json.dumps(evaluation, indent=1),
-        "summary.txt": summary_text(study, trial, full),
+        "summary.txt": summary_text(study, trial, full, hw),
     }
     written = []
     for name, text in files.items():
@@ -131,19 +138,21 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
         written.append(path)
     if checkpoint:
         from dse.plan import ModelPlan
-        from dse.spec import CompressionSpec
+        from evaluators.settings import CompressionSpec
         from evaluators.checkpoint import write_checkpoint
 
         compression = CompressionSpec(**spec.get("compression", {}))
-        written += write_checkpoint(spec["model"], ModelPlan.from_dict(trial.user_attrs["plan"]), compression,
+        written += write_checkpoint(spec["model"], ModelPlan.from_dict(plan), compression,
                                     out / "checkpoint", progress=progress)
     return written
 
 
-def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None) -> str:
-    """A few lines a person reads first: objectives, hardware, fidelity results, plan summary."""
+def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None,
+                 hw: dict | None = None) -> str:
+    """A few lines a person reads first: objectives, hardware (``hw``: the trial's report), fidelity results,
+    plan summary."""
     row = trial_row(study, trial, full)
-    hw = trial.user_attrs.get("hw", {})
+    hw = hw or {}
     lines = [f"study {study.study_name}, trial {trial.number}"
              + (f" ({trial.user_attrs['warm_start']})" if trial.user_attrs.get("warm_start") else "")]
     lines += [f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in row.items()
@@ -156,7 +165,7 @@ def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dic
     return "\n".join(lines) + "\n"
 
 
-def bundle_zip(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bytes:
+def bundle_zip(study: optuna.Study, trial: optuna.trial.FrozenTrial, records: TrialRecords | None = None) -> bytes:
     """The bundle :func:`export_trial` writes (without the checkpoint), as the bytes of a zip file: what the
     dashboard's export button downloads."""
     import io
@@ -165,6 +174,6 @@ def bundle_zip(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bytes:
 
     buffer = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in export_trial(study, trial, Path(tmp)):
+        for path in export_trial(study, trial, Path(tmp), records=records):
             archive.write(path, path.name)
     return buffer.getvalue()

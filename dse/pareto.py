@@ -4,16 +4,16 @@ Objectives are turned into losses (maximised ones negated) and, for the hypervol
 normalised per objective to [0, 1] between given bounds (``lo`` best, ``hi`` worst);
 the reference point is 1.1 in every normalised objective, so a plan at the worst bound
 still adds volume. The volume itself is Optuna's exact WFG computation
-(``optuna._hypervolume.compute_hypervolume``), and the Pareto filter is Optuna's too. Comparing two
-fronts needs the same bounds for both: :func:`bounds` of their union.
+(``optuna._hypervolume.compute_hypervolume``: Optuna 5 has no public one, so it comes through
+:mod:`dse.optuna_private`). Comparing two fronts needs the same bounds for both: :func:`bounds` of their union.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume
-from optuna.study._multi_objective import _is_pareto_front
+
+from dse.optuna_private import compute_hypervolume
 
 REFERENCE = 1.1
 """Reference point of the hypervolume in every normalised objective."""
@@ -40,11 +40,19 @@ def losses(values, directions) -> np.ndarray:
 
 def nondominated(loss: np.ndarray) -> np.ndarray:
     """Boolean mask of rows no other row dominates (<= everywhere, < somewhere); equal rows are all kept.
-    Optuna's own Pareto filter (``optuna.study._multi_objective._is_pareto_front``)."""
+    The distinct rows in lexicographic order: the first remaining one is on the front (no later row can
+    dominate it) and removes those it dominates; one pass per front point."""
     loss = np.asarray(loss, dtype=float)
     if len(loss) == 0:
         return np.zeros(0, dtype=bool)
-    return _is_pareto_front(loss, assume_unique_lexsorted=False)
+    rows, inverse = np.unique(loss, axis=0, return_inverse=True)
+    keep = np.zeros(len(rows), dtype=bool)
+    remaining = np.arange(len(rows))
+    while remaining.size:
+        keep[remaining[0]] = True
+        rest = remaining[1:]
+        remaining = rest[~np.all(rows[remaining[0]] <= rows[rest], axis=1)]
+    return keep[inverse.reshape(-1)]
 
 
 def dominates(a, b, directions) -> bool:

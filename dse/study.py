@@ -1,18 +1,19 @@
 """The driver: ask Optuna for plans, screen them on the cost model, evaluate the rest on Ray actors, tell.
 
 :func:`run_study` creates (or resumes) the study named in the spec and runs until it holds
-``spec.trials`` completed trials. The Optuna storage is the single source of truth: every
-trial's plan, hardware report, evaluation and timings are trial user attributes (JSON), the
-validated spec is a study user attribute, and several drivers (on several machines) may run
-the same study at once.
+``spec.trials`` completed trials. The study's database is the single source of truth: every
+trial's plan and per-layer hardware report are its records (:mod:`dse.records`, a table beside
+Optuna's), its scalars (hardware metrics, plan hash and summary, evaluation, timings, worker,
+fidelity) are trial user attributes (JSON), the validated spec is a study user attribute, and
+several drivers (on several machines) may run the same study at once.
 
 One trial:
 
 1. ``study.ask()`` (enqueued warm starts and retried plans first), the plan from its
    parameters (:mod:`dse.space`);
-2. the hardware report from the cost model, in the driver (milliseconds), stored whole (``hw``,
-   with the per-layer rows) and as its scalar metrics (``hw_metrics``, a few hundred bytes that
-   tables and the dashboard read without loading the report). A plan that does
+2. the hardware report from the cost model, in the driver (milliseconds); the plan and the whole
+   report (with its per-layer rows) are written as the trial's records, its scalar metrics
+   (``hw_metrics``, a few hundred bytes) as a user attribute. A plan that does
    not fit the device or breaks a user constraint is told at once with its named constraint
    values (``trial.set_constraint``) and no accuracy evaluation (``evaluated: False``);
 3. a feasible plan is claimed (:mod:`dse.claims`): a plan another trial already evaluated is
@@ -35,6 +36,7 @@ study ends with exactly ``spec.trials`` completed trials.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -218,13 +220,18 @@ def screen(spec: StudySpec, hw_report) -> dict[str, float]:
 
 
 def trial_record(plan, report, constraints: dict[str, float]) -> dict:
-    """The user attributes every trial gets before its evaluation: the plan (whole, hash, label counts), the
-    hardware report (whole, and its scalar metrics apart) and the named constraint values."""
+    """The user attributes every trial gets before its evaluation: the plan's hash and label counts, the
+    hardware report's scalar metrics and the named constraint values (the plan and the report themselves are
+    the trial's records, :func:`trial_records`)."""
     from hwcost import HwReport
 
-    hw = report.to_dict()
-    return {"plan": plan.to_dict(), "plan_hash": plan.hash, "plan_summary": plan.summary(),
-            "hw": hw, "hw_metrics": HwReport.metrics_of(hw), "constraints": constraints}
+    return {"plan_hash": plan.hash, "plan_summary": plan.summary(),
+            "hw_metrics": HwReport.metrics_of(report.to_dict()), "constraints": constraints}
+
+
+def trial_records(plan, report) -> dict:
+    """A trial's records (:mod:`dse.records`): the plan and the whole hardware report."""
+    return {"plan": plan.to_dict(), "hw": report.to_dict()}
 
 
 def full_results(study: optuna.Study, trials=None) -> dict[int, dict]:
@@ -258,6 +265,7 @@ class Job:
     actor: object
     trial: optuna.trial.Trial | None = None
     number: int = -1
+    trial_id: int = -1
     report: object = None
     timings: dict = field(default_factory=dict)
     plan_hash: str = ""
@@ -292,8 +300,12 @@ class Heartbeat(threading.Thread):
 class Driver:
     """The ask -> screen -> evaluate -> tell loop of one driver process (module docstring)."""
 
-    def __init__(self, setup: Setup, study: optuna.Study, storage, actors: list, claims, bar):
+    def __init__(self, setup: Setup, study: optuna.Study, storage, actors: list, claims, bar, records=None):
+        from dse.records import TrialRecords, study_key
+
         self.setup, self.spec, self.study, self.storage = setup, setup.spec, study, storage
+        self.records = records or TrialRecords(storage.engine, study_key(study), create=True)
+        self.study_id = storage.get_study_id_from_name(study.study_name)
         self.actors, self.idle = actors, list(actors)
         self.claims, self.bar = claims, bar
         self.jobs: dict = {}           # ray ObjectRef -> Job
@@ -352,9 +364,10 @@ class Driver:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # heartbeat storage outside Study.optimize
             trial = self.study.ask()
-        self._track(trial._trial_id)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        self._track(trial_id)
         if self._over_budget(trial):
-            self._tell(trial, state=TrialState.PRUNED, attrs={"pruned": "over budget (another driver)"})
+            self._tell(trial, trial_id, state=TrialState.PRUNED, attrs={"pruned": "over budget (another driver)"})
             return "pruned"
         spec = self.spec
         plan = suggest_plan(trial, self.setup.units, spec.space.mlgru_blocks)
@@ -363,12 +376,13 @@ class Driver:
         timings = {"hwcost": time.perf_counter() - started}
         constraints = screen(spec, report)
         attrs = trial_record(plan, report, constraints)
+        self.records.put(trial.number, **trial_records(plan, report))  # before the tell: a told trial has them
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a retried trial carries its constraints already
             for key, value in constraints.items():
                 trial.set_constraint(key, value)
         if max(constraints.values()) > 0 or not self.model_objective:
-            self._tell(trial, objective_values(spec, report, None),
+            self._tell(trial, trial_id, objective_values(spec, report, None),
                        attrs={**attrs, "evaluated": False, "timings_s": timings})
             return "complete"
         held = self.claims.claim("plan", plan.hash, trial.number)
@@ -376,13 +390,13 @@ class Driver:
             owner = self._trial(held.trial)
             if owner is not None and owner.state == TrialState.COMPLETE and owner.user_attrs.get("evaluated"):
                 evaluation = owner.user_attrs["eval"]
-                self._tell(trial, objective_values(spec, report, evaluation),
+                self._tell(trial, trial_id, objective_values(spec, report, evaluation),
                            attrs={**attrs, "evaluated": True, "eval": evaluation, "fidelity": owner.user_attrs.get(
                                "fidelity"), "duplicate_of": owner.number, "timings_s": timings})
                 return "complete"
             gone = owner is None or owner.state in (TrialState.FAIL, TrialState.PRUNED)
             if not (gone and self.claims.take_over("plan", plan.hash, held, trial.number)):
-                self._tell(trial, state=TrialState.PRUNED,
+                self._tell(trial, trial_id, state=TrialState.PRUNED,
                            attrs={**attrs, "pruned": f"plan being evaluated by trial {held.trial}",
                                   "duplicate_of": held.trial})
                 return "pruned"
@@ -390,7 +404,7 @@ class Driver:
             trial.set_user_attr(key, value)
         actor = self.idle.pop()
         ref = actor.evaluate.remote(plan.to_json(), self.fidelities)
-        self.jobs[ref] = Job("trial", actor, trial, trial.number, report, timings, plan.hash)
+        self.jobs[ref] = Job("trial", actor, trial, trial.number, trial_id, report, timings, plan.hash)
         return "running"
 
     def _over_budget(self, trial) -> bool:
@@ -416,7 +430,7 @@ class Driver:
                 **evaluation["full"], "worker": evaluation["worker"], "timings_s": evaluation["timings_s"]})
             return
         timings = {**job.timings, **evaluation["timings_s"]}
-        self._tell(job.trial, objective_values(self.spec, job.report, evaluation), attrs={
+        self._tell(job.trial, job.trial_id, objective_values(self.spec, job.report, evaluation), attrs={
             "evaluated": True, "eval": evaluation, "fidelity": "+".join(self.fidelities),
             "worker": evaluation["worker"], "timings_s": timings})
 
@@ -426,7 +440,7 @@ class Driver:
             self.claims.release("full", str(job.number))
             log.error("full evaluation of trial %d failed: %s", job.number, error)
         else:
-            self._tell(job.trial, state=TrialState.FAIL, attrs={"error": error})
+            self._tell(job.trial, job.trial_id, state=TrialState.FAIL, attrs={"error": error})
             self.claims.release("plan", job.plan_hash)
             log.error("trial %d failed: %s", job.number, error)
         self.failures_in_a_row += 1
@@ -458,7 +472,7 @@ class Driver:
                 self.claims.release("full", str(trial.number))
                 break
             self.heartbeat.full_keys.add(str(trial.number))
-            ref = actor.evaluate.remote(_plan_json(trial), ("full",))
+            ref = actor.evaluate.remote(json.dumps(self.records.plan(trial)), ("full",))
             self.jobs[ref] = Job("full", actor, number=trial.number)
         while final and self.jobs:
             ready, _ = ray.wait(list(self.jobs), num_returns=1)
@@ -481,11 +495,11 @@ class Driver:
         return stale and self.claims.take_over("full", key, held, number)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _tell(self, trial, values=None, state=None, attrs: dict | None = None) -> None:
+    def _tell(self, trial, trial_id: int, values=None, state=None, attrs: dict | None = None) -> None:
         for key, value in (attrs or {}).items():
             trial.set_user_attr(key, value)
         self.study.tell(trial, values, state=state)
-        self._untrack(trial._trial_id)
+        self._untrack(trial_id)
 
     def _track(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
@@ -523,18 +537,12 @@ class Driver:
         retry = _retry()
         for job in self.jobs.values():
             if job.kind == "trial":
-                self._tell(job.trial, state=TrialState.FAIL, attrs={"error": "driver stopped"})
+                self._tell(job.trial, job.trial_id, state=TrialState.FAIL, attrs={"error": "driver stopped"})
                 self.claims.release("plan", job.plan_hash)
-                retry(self.study, self.study._storage.get_trial(job.trial._trial_id))
+                retry(self.study, self.storage.get_trial(job.trial_id))
             else:
                 self.claims.release("full", str(job.number))
         self.jobs.clear()
-
-
-def _plan_json(trial) -> str:
-    import json
-
-    return json.dumps(trial.user_attrs["plan"])
 
 
 def _unreachable(address: str, timeout_s: float = 5.0) -> str | None:

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from optuna._hypervolume import compute_hypervolume
+import yaml
 
 from dse.cli import main
+from dse.optuna_private import compute_hypervolume
+from dse.records import TrialRecords
 from dse.study import full_results
 from helpers import ROOT
 
@@ -62,6 +64,12 @@ def trace(fig: dict, name: str) -> dict | None:
 
 def completed(study) -> list:
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def reports(study) -> dict[int, dict]:
+    """The stored hardware report of every completed trial, by number (:mod:`dse.records`)."""
+    records = TrialRecords.of(study)
+    return {t.number: records.report(t) for t in completed(study)}
 
 
 def brute_force_front(study) -> set[int]:
@@ -164,7 +172,7 @@ def test_axes_show_hardware_figures_and_infeasible_trials(sqlite_study, monkeypa
     app.selectbox(key=f"y-{STUDY}").set_value("decode_tokens_per_s").run()
     assert not app.exception
     fig = figures(app)["Pareto front"]
-    hw = {t.number: t.user_attrs["hw"] for t in completed(study)}
+    hw = reports(study)
     screened = trace(fig, "infeasible (screened)")
     assert screened is not None
     for name in ("Pareto", "feasible", "infeasible (screened)"):
@@ -196,7 +204,7 @@ def test_trial_view_plan_map_breakdown_resources_and_evaluation(sqlite_study, mo
     heat = figs[f"Plan map, trial {uniform.number}"]["data"][0]
     columns, rows = list(heat["x"]), list(heat["y"])
     text, bits = heat["text"], array(heat["z"])
-    for layer in uniform.user_attrs["plan"]["layers"]:
+    for layer in TrialRecords.of(study).plan(uniform)["layers"]:
         parts = layer["name"].split(".")
         row = f"block {parts[2]}" if parts[:2] == ["model", "layers"] else layer["name"]
         column = ".".join(parts[3:]) if parts[:2] == ["model", "layers"] else "outside blocks"
@@ -208,7 +216,7 @@ def test_trial_view_plan_map_breakdown_resources_and_evaluation(sqlite_study, mo
     assert bits[rows.index("block 3"), columns.index("mlp.down_proj")] == pytest.approx(2 + 12 * 16 / 1536 + 1)
     assert all(t[columns.index("mixer")] == "attention" for t in text[:30])
 
-    hw = uniform.user_attrs["hw"]
+    hw = TrialRecords.of(study).report(uniform)
     bars = figs["Resources on kria-kv260 (share of what the shell leaves)"]["data"]
     used = dict(zip(bars[0]["y"], array(bars[0]["x"])))
     assert used == pytest.approx(hw["utilisation"])
@@ -258,8 +266,9 @@ def test_compare_two_trials(sqlite_study, monkeypatch):
     assert a != b
     by_number = {t.number: t for t in study.trials}
     diff = app.dataframe[1].value
-    la = {d["name"]: d for d in by_number[a].user_attrs["plan"]["layers"]}
-    lb = {d["name"]: d for d in by_number[b].user_attrs["plan"]["layers"]}
+    records = TrialRecords.of(study)
+    la = {d["name"]: d for d in records.plan(by_number[a])["layers"]}
+    lb = {d["name"]: d for d in records.plan(by_number[b])["layers"]}
 
     def choice(d):
         return (d["sparsity"], d["format"], d["group_size"], d.get("symmetric", True),
@@ -268,7 +277,7 @@ def test_compare_two_trials(sqlite_study, monkeypatch):
     figures_table = app.dataframe[0].value.set_index("metric")
     for name in ("decode_tokens_per_s", "j_per_token"):
         row = figures_table.loc[name]
-        ha, hb = by_number[a].user_attrs["hw"][name], by_number[b].user_attrs["hw"][name]
+        ha, hb = records.report(by_number[a])[name], records.report(by_number[b])[name]
         assert row[f"trial {a}"] == pytest.approx(ha) and row["B - A"] == pytest.approx(hb - ha)
     assert len([f for f in figures(app) if f.startswith("Plan map")]) == 2
 
@@ -294,19 +303,20 @@ def test_studies_view_lists_every_study(sqlite_study, study_copy, monkeypatch):
 
 
 # ------------------------------------------------------------------ incomplete records
-def test_running_failed_and_old_trials_render(sqlite_study, study_copy, monkeypatch):
+def test_running_failed_and_old_trials_render(sqlite_study, study_copy, monkeypatch, tmp_path):
     """A running trial (no values), a failed one, and a complete trial written the way older versions did
-    (plan and report only: no hw_metrics, plan_summary, constraints or evaluated flag) render everywhere."""
+    (plan and report in its user attributes, no records; no hw_metrics, plan_summary, constraints or evaluated
+    flag) render everywhere, and the old trial exports its plan and report."""
     source, _ = sqlite_study
     uniform = next(t for t in completed(source) if t.user_attrs.get("warm_start") == "uniform 2:4+int4")
+    plan, hw = TrialRecords.of(source).plan(uniform), TrialRecords.of(source).report(uniform)
     study = optuna.load_study(study_name=STUDY, storage=study_copy)
     running = study.ask()
     failed = study.ask()
     failed.set_user_attr("error", "worker died")
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
-    old_hw = {k: v for k, v in uniform.user_attrs["hw"].items() if k not in ("engines", "prefill_ms")}
-    study.add_trial(optuna.trial.create_trial(values=uniform.values,
-                                              user_attrs={"plan": uniform.user_attrs["plan"], "hw": old_hw}))
+    old_hw = {k: v for k, v in hw.items() if k not in ("engines", "prefill_ms")}
+    study.add_trial(optuna.trial.create_trial(values=uniform.values, user_attrs={"plan": plan, "hw": old_hw}))
     old = study.trials[-1].number
 
     app = run_app(study_copy, monkeypatch)
@@ -314,13 +324,19 @@ def test_running_failed_and_old_trials_render(sqlite_study, study_copy, monkeypa
     assert table.loc[running.number, "status"] == "running" and math.isnan(table.loc[running.number, "proxy_kl"])
     assert table.loc[failed.number, "status"] == "failed" and table.loc[failed.number, "note"] == "worker died"
     assert table.loc[old, "status"] == "unrecorded"  # no evaluation record: neither feasible nor screened
-    assert table.loc[old, "decode_tokens_per_s"] == pytest.approx(uniform.user_attrs["hw"]["decode_tokens_per_s"])
-    assert table.loc[old, "lut_util"] == pytest.approx(uniform.user_attrs["hw"]["utilisation"]["lut"])
+    assert table.loc[old, "decode_tokens_per_s"] == pytest.approx(hw["decode_tokens_per_s"])
+    assert table.loc[old, "lut_util"] == pytest.approx(hw["utilisation"]["lut"])
     assert {m.label: m.value for m in app.metric}["running"] == "1"
 
     app.sidebar.radio(key="view").set_value("Trial").run()
     app.selectbox(key=f"trial-{STUDY}").set_value(old).run()
     assert not app.exception and f"Plan map, trial {old}" in figures(app)
+    layers = next(d.value for d in app.dataframe if "bound" in d.value.columns)
+    assert list(layers["name"]) == [row["name"] for row in old_hw["layers"]]
+    assert app.get("download_button")[0].proto.label.startswith("Export bundle")
+    assert main(["export", STUDY, "--storage", study_copy, "--trial", str(old), "--out", str(tmp_path)]) == 0
+    assert yaml.safe_load((tmp_path / "plan.yaml").read_text())["plan"] == plan
+    assert json.loads((tmp_path / "hw_report.json").read_text()) == old_hw
     app.sidebar.radio(key="view").set_value("Compare").run()
     app.selectbox(key=f"cmp-a-{STUDY}").set_value(old)
     app.selectbox(key=f"cmp-b-{STUDY}").set_value(uniform.number).run()
@@ -332,24 +348,27 @@ def test_running_failed_and_old_trials_render(sqlite_study, study_copy, monkeypa
 
 
 # ------------------------------------------------------------------ reading, and mistakes
-def test_reader_returns_optunas_trials_without_plan_and_report(sqlite_study, study_copy):
-    from dse.reader import LIGHT_ATTRS, TrialReader
+def test_reader_returns_lean_trials_incrementally(sqlite_study, study_copy):
+    """The reader's trials are Optuna's (same numbers, states, values, constraints, user attributes), carry no
+    plan or report, and a second read returns the same finished objects plus what is new or changed."""
+    from dse.reader import TrialReader
 
     storage = optuna.storages.RDBStorage(study_copy, skip_table_creation=True)
     study = optuna.load_study(study_name=STUDY, storage=storage)
-    reader = TrialReader(storage, study._study_id)
+    reader = TrialReader(storage, STUDY)
     light = reader.trials()
     for got, want in zip(light, study.get_trials(), strict=True):
         assert (got.number, got.state, got.values, got.constraints) == (want.number, want.state, want.values,
                                                                         want.constraints)
-        assert got.user_attrs == {k: v for k, v in want.user_attrs.items() if k in LIGHT_ATTRS}
-        assert "plan" not in got.user_attrs and "hw" not in got.user_attrs
+        assert got.user_attrs == want.user_attrs
+        assert "plan" not in got.user_attrs and "hw" not in got.user_attrs and "hw_metrics" in got.user_attrs
     new = study.ask()  # a second read returns the same finished objects and the new trial
     again = reader.trials()
     assert [t.number for t in again] == [t.number for t in light] + [new.number]
     assert all(a is b for a, b in zip(again, light))
     study.tell(new, state=optuna.trial.TrialState.FAIL)
     assert reader.trials()[-1].state == optuna.trial.TrialState.FAIL
+    assert TrialReader(storage, storage.get_study_id_from_name(STUDY)).study.study_name == STUDY  # by id too
 
 
 def test_bad_storage_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys):

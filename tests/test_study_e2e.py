@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from dse.cli import main
+from dse.records import TrialRecords
 from dse.report import pareto_trials
 from dse.spec import parse_spec
 from dse.study import full_results, run_study
@@ -33,14 +34,17 @@ def check_study(study: optuna.Study, spec) -> None:
     assert study.metric_names == ["proxy_kl", "decode_tokens_per_s", "j_per_token"]
     evaluated = [t for t in complete if t.user_attrs["evaluated"]]
     assert evaluated, "at least one plan should pass the hardware screen"
+    records = TrialRecords.of(study)
     for t in complete:
-        hw = t.user_attrs["hw"]
+        hw = records.report(t)  # the plan and the per-layer report are records, not user attributes
+        assert "plan" not in t.user_attrs and "hw" not in t.user_attrs and len(hw["layers"]) > 200
         assert t.values[1] == pytest.approx(hw["decode_tokens_per_s"])
         assert t.values[2] == pytest.approx(hw["j_per_token"])
         small = t.user_attrs["hw_metrics"]  # the report's scalars, stored apart for light readers
         assert small["weight_bytes"] == hw["weight_bytes_total"] and small["bram_util"] == hw["utilisation"]["bram36"]
         assert small["lut_util"] == hw["utilisation"]["lut"] and small["prefill_ms"] == hw["prefill_ms"]
-        assert len(t.user_attrs["plan"]["layers"]) == 211
+        assert len(records.plan(t)["layers"]) == 211 and t.user_attrs["plan_hash"]
+        assert len(json.dumps(t.user_attrs)) < 4000  # the scalars: about 1 kB (the records: about 100 kB)
         if t.user_attrs["evaluated"]:
             ev = t.user_attrs["eval"]
             assert t.values[0] == ev["proxy"]["kl"] and t.user_attrs["fidelity"] == "proxy"
@@ -99,7 +103,8 @@ def test_stored_proxy_and_exported_checkpoint_match_a_fresh_evaluation(sqlite_st
     model, tokenizer = load_model(spec.model)
     proxy = ProxySet.build(tokenizer, spec.proxy.windows, spec.proxy.seq_len)
     reference = dense_reference(model, proxy)
-    PlanApplier(model, tokenizer, spec.compression).apply(ModelPlan.from_dict(trial.user_attrs["plan"]))
+    plan = TrialRecords.of(study).plan(trial)
+    PlanApplier(model, tokenizer, spec.compression).apply(ModelPlan.from_dict(plan))
     result = proxy_eval(model, proxy, reference)
     assert result.metric("proxy", "kl") == pytest.approx(trial.values[0], rel=1e-4, abs=1e-6)
     assert result.metric("proxy", "ppl") == pytest.approx(trial.user_attrs["eval"]["proxy"]["ppl"], rel=1e-4)
@@ -126,8 +131,9 @@ def test_status_and_export(sqlite_study, capsys, tmp_path):
     best = max(pareto_trials(study), key=lambda t: full[t.number]["accuracy"])
     assert full[plan["trial"]]["accuracy"] == full[best.number]["accuracy"]
     chosen = study.trials[plan["trial"]]
-    assert plan["plan"] == chosen.user_attrs["plan"]
-    assert json.loads((tmp_path / "hw_report.json").read_text()) == chosen.user_attrs["hw"]
+    records = TrialRecords.of(study)
+    assert plan["plan"] == records.plan(chosen)
+    assert json.loads((tmp_path / "hw_report.json").read_text()) == records.report(chosen)
     assert json.loads((tmp_path / "evaluation.json").read_text()) == {**chosen.user_attrs["eval"],
                                                                        "full": full[chosen.number]}
     assert "fits: True" in (tmp_path / "summary.txt").read_text()
@@ -177,7 +183,7 @@ def test_export_picks_and_where_against_brute_force(sqlite_study, capsys, tmp_pa
 
     study, url = sqlite_study
     feasible = [t for t in study.get_trials() if t.state.name == "COMPLETE" and t.user_attrs["evaluated"]]
-    hw = {t.number: t.user_attrs["hw"] for t in feasible}
+    hw = {t.number: TrialRecords.of(study).report(t) for t in feasible}
     assert choose_trial(study, pick="min-latency").number == min(hw, key=lambda n: hw[n]["decode_ms_per_token"])
     assert choose_trial(study, pick="min-energy").number == min(hw, key=lambda n: hw[n]["j_per_token"])
     # knee: nearest to the ideal point with every objective scaled to [0, 1] over the front (losses: -tokens/s)
