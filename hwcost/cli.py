@@ -33,7 +33,7 @@ from dse.textio import format_table
 from hwcost.accelerator import CLOCK_RANGE_MHZ, Accelerator
 from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices,
                             load_devices_file, user_devices)
-from hwcost.workload import BUILTIN_CONFIGS, Workload
+from dse.arch import BUILTIN_CONFIGS, Workload
 
 USER_ERROR = 2
 WEIGHT_CHOICES = {"fp16": "16", **{f"int{b}": str(b) for b in range(8, 1, -1)}, "ternary": "ternary"}
