@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dse.errors import UserError
+
 DEFAULT_STORAGE = "sqlite:///dse-studies.db"
 USER_ERROR = 2
 
@@ -32,10 +34,6 @@ class _CurrentStderr(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         print(self.format(record), file=sys.stderr)
-
-
-class UserError(Exception):
-    """A mistake in the command's input; printed as one line, exit status 2."""
 
 
 def _existing_storage(storage: str):
@@ -296,14 +294,12 @@ def main(argv: list[str] | None = None) -> int:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     from dse.export import ExportError
-    from dse.spec import SpecError
     from dse.study import EvaluationError
     from evaluators.models import ModelError
-    from hwcost.cli import HwcostError
 
     try:
         return args.func(args)
-    except (UserError, SpecError, ModelError, ExportError, HwcostError) as err:
+    except (UserError, ModelError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
     except EvaluationError as err:

@@ -26,6 +26,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from dse.errors import UserError
+
 PLAN_VERSION = 1
 
 WEIGHT_BITS = (16, 8, 7, 6, 5, 4, 3, 2)
@@ -37,7 +39,7 @@ QUANT_METHODS = ("rtn", "gptq", "refit")
 Hessian, ``refit`` (ternary only) absmean codes with per-channel scales refitted by least squares."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan value outside the vocabulary; the message names the value and what is allowed."""
 
 

@@ -14,7 +14,8 @@ import time
 
 import ray
 
-from dse.spec import CompressionSpec, ProxySpec, TaskSpec
+from dse.spec import TaskSpec
+from evaluators.settings import CompressionSpec, ProxySpec
 
 
 def accuracy_of(metrics: dict[str, dict[str, float]], tasks: tuple[TaskSpec, ...]) -> float:

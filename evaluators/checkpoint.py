@@ -65,7 +65,7 @@ import torch
 
 from dse.plan import LayerPlan, ModelPlan, WeightFormat
 from dse.textio import replacing
-from dse.spec import CompressionSpec
+from evaluators.settings import CompressionSpec
 from evaluators.compress import mlgru as mlgru_mod
 from evaluators.compress.apply import COUNTERPART, PlanApplier
 from evaluators.compress.cache import CompressionCache

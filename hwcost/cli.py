@@ -26,11 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
+from dse.errors import UserError
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, PlanError, Sparsity, WeightFormat
+from dse.schema import SchemaError, plan_from_data, read_yaml
 from dse.textio import format_table
-from hwcost.accelerator import CLOCK_RANGE_MHZ, Accelerator
+from hwcost.accelerator import Accelerator, AcceleratorError
 from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices,
                             load_devices_file, user_devices)
 from dse.arch import BUILTIN_CONFIGS, Workload
@@ -41,11 +41,13 @@ WEIGHT_CHOICES = {"fp16": "16", **{f"int{b}": str(b) for b in range(8, 1, -1)}, 
 SUITE_ENV = "HWCOST_SUITE_RUNNING"
 """Set in the environment of the pytest process ``dse hwcost test`` starts (its own test skips itself)."""
 TEST_GLOBS = ("test_hwcost*.py", "test_workload_families.py")
-FLAG_OF_FIELD = {"device": "--device", "clock_mhz": "--clock-mhz", "batch": "--batch",
-                 "context_length": "--context", "prompt_length": "--prompt", "act_bits": "--act-bits"}
+ACCEL_FLAGS = {"clock_mhz": ("--clock-mhz", "clock_mhz", float), "batch": ("--batch", "batch", int),
+               "context_length": ("--context", "context", int), "prompt_length": ("--prompt", "prompt", int),
+               "act_bits": ("--act-bits", "act_bits", int)}
+"""Accelerator field -> (flag, argparse dest, type); the Accelerator checks the values."""
 
 
-class HwcostError(ValueError):
+class HwcostError(UserError, ValueError):
     """A mistake in a ``dse hwcost`` command's input: one line ``<flag>: <problem and what is allowed>``."""
 
 
@@ -156,37 +158,19 @@ def _int_flag(text: str | None, flag: str, low: int) -> int | None:
     return value
 
 
-def _act_bits(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if str(text).strip() not in ("8", "16"):
-        raise HwcostError(f"--act-bits: {text!r} is not one of 8, 16")
-    return int(text)
-
-
-def _clock(text: str | None) -> float | None:
-    if text is None:
-        return None
-    lo, hi = CLOCK_RANGE_MHZ
+def _number(text: str, kind: type):
+    """A numeric flag's text as ``kind`` (the text itself when it is not one: the Accelerator names the flag)."""
     try:
-        value = float(str(text).strip())
+        return kind(str(text).strip())
     except ValueError:
-        value = float("nan")
-    if not lo <= value <= hi:
-        raise HwcostError(f"--clock-mhz: {text} is not a number in [{lo:g}, {hi:g}] MHz")
-    return value
+        return text
 
 
-def _read_yaml(path: str, flag: str):
-    p = Path(path)
-    if not p.is_file():
-        raise HwcostError(f"{flag}: file '{p}' does not exist")
+def _read_yaml(path: str, flag: str) -> dict:
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise HwcostError(f"{flag}: {p}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        return read_yaml(path)
+    except SchemaError as err:
+        raise HwcostError(f"{flag}: {err}") from None
 
 
 def load_user_devices(path: str | None) -> dict:
@@ -211,29 +195,25 @@ def build_accelerator(args) -> Accelerator:
     values: dict = {}
     if args.accel:
         data = _read_yaml(args.accel, "--accel")
-        if isinstance(data, dict) and set(data) == {"hardware"}:
-            data = data["hardware"]
-        if not isinstance(data, dict):
-            raise HwcostError("--accel: expected a mapping of Accelerator fields (the spec's hardware: keys)")
-        values.update(data)
-    flags = {"device": args.device, "clock_mhz": _clock(args.clock_mhz), "batch": _int_flag(args.batch, "--batch", 1),
-             "context_length": _int_flag(args.context, "--context", 0), "act_bits": _act_bits(args.act_bits),
-             "prompt_length": _int_flag(args.prompt, "--prompt", 1)}
-    flags = {k: v for k, v in flags.items() if v is not None}
+        values.update(data["hardware"] if set(data) == {"hardware"} else data)
+    flags = {field: _number(getattr(args, dest), kind) for field, (_, dest, kind) in ACCEL_FLAGS.items()
+             if getattr(args, dest) is not None}
     devices = list_devices()
-    if "device" in flags and flags["device"] not in devices:
-        raise HwcostError(f"--device: '{flags['device']}' is not in the catalog; allowed: {', '.join(devices)}")
-    if "device" not in flags and "device" not in values:
+    if args.device is not None and args.device not in devices:
+        raise HwcostError(f"--device: '{args.device}' is not in the catalog; allowed: {', '.join(devices)}")
+    if args.device is None and "device" not in values:
         raise HwcostError(f"--device: is required (or 'device' in --accel); allowed: {', '.join(devices)}")
-    values.update(flags)
+    values.update(flags, **({"device": args.device} if args.device else {}))
     try:
         return Accelerator.from_dict(values)
-    except (ValueError, TypeError) as err:
-        message = str(err)
-        field = message.split(":", 1)[0].removeprefix("hardware.")
-        if field in flags:
-            raise HwcostError(f"{FLAG_OF_FIELD[field]}:{message.split(':', 1)[1]}") from None
-        raise HwcostError(f"--accel: {message}") from None
+    except AcceleratorError as err:
+        field = err.path.removeprefix("hardware.")
+        if field in flags and err.message.startswith(repr(flags[field])):
+            flag, dest, kind = ACCEL_FLAGS[field]
+            text = getattr(args, dest)
+            shown = repr(text) if kind is int else text  # as typed: integers quoted, the clock as is
+            raise HwcostError(f"{flag}: {shown}{err.message[len(repr(flags[field])):]}") from None
+        raise HwcostError(f"--accel: {err}") from None
 
 
 # ---------------------------------------------------------------------------- plans
@@ -272,34 +252,14 @@ def load_plan(path: str, workload: Workload) -> ModelPlan:
     """A plan file: ``dse export``'s plan.yaml (top-level ``plan``) or a bare ModelPlan mapping, checked
     against ``workload`` (layer names, block indices, mixers)."""
     data = _read_yaml(path, "--plan")
-    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+    if isinstance(data.get("plan"), dict):
         data = data["plan"]
-    if not isinstance(data, dict) or not ({"layers", "blocks"} & set(data)):
+    if not {"layers", "blocks"} & set(data):
         raise HwcostError("--plan: expected a ModelPlan mapping (version, layers, blocks) or a 'dse export' "
                           "plan.yaml with a top-level 'plan'")
-    for key in ("layers", "blocks"):
-        if not isinstance(data.get(key) or [], list):
-            raise HwcostError(f"--plan: {key}: expected a list")
-    for i, item in enumerate(data.get("layers") or []):
-        try:
-            LayerPlan.from_dict(item)
-        except KeyError as err:
-            raise HwcostError(f"--plan: layers[{i}].{err.args[0]}: is required") from None
-        except (TypeError, AttributeError):
-            raise HwcostError(f"--plan: layers[{i}]: expected a mapping with name, sparsity, format, "
-                              "group_size") from None
-        except ValueError as err:
-            raise HwcostError(f"--plan: layers[{i}] ({item.get('name')}): {err}") from None
-    for i, item in enumerate(data.get("blocks") or []):
-        try:
-            BlockPlan.from_dict(item)
-        except KeyError as err:
-            raise HwcostError(f"--plan: blocks[{i}].{err.args[0]}: is required") from None
-        except (TypeError, AttributeError, ValueError) as err:
-            raise HwcostError(f"--plan: blocks[{i}]: {err or 'expected a mapping with index, mixer'}") from None
     try:
-        plan = ModelPlan.from_dict({**data, "layers": data.get("layers") or [], "blocks": data.get("blocks") or []})
-    except (ValueError, TypeError) as err:
+        plan = plan_from_data(data)
+    except PlanError as err:
         raise HwcostError(f"--plan: {err}") from None
     names = workload.layer_names()
     for lp in plan.layers:

@@ -12,15 +12,17 @@ are compared in one unit; bandwidth in GB/s (1e9 bytes/s); capacity in GiB
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import yaml
+from pydantic import PlainValidator, field_validator, model_validator
+
+from dse.schema import Int, Number, Problem, SchemaError, Text, parse, read_yaml, schema
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -28,7 +30,6 @@ BRAM36_BITS = 36 * 1024
 """Bits of one AMD BRAM36 block (UG573); the unit hwcost reports block RAM in."""
 URAM_BITS = 288 * 1024
 """Bits of one AMD UltraRAM block (UG573)."""
-MEMORY_KINDS = ("hbm2", "ddr4")
 
 
 @lru_cache(maxsize=None)
@@ -99,11 +100,6 @@ class Device:
         """Block RAM in BRAM36 (36 Kib) equivalents (= ``bram_blocks`` on AMD parts)."""
         return self.bram_bits / BRAM36_BITS
 
-    @property
-    def uram_bits(self) -> int:
-        """Total UltraRAM bits."""
-        return self.uram * URAM_BITS
-
     def memory(self, kind: str | None = None) -> MemorySystem:
         """The off-chip memory ``kind`` (default: the board's main memory); ValueError if absent."""
         kind = kind or self.default_memory
@@ -134,25 +130,9 @@ class Device:
         }
 
 
-def _device_from_yaml(name: str, d: dict) -> Device:
-    alm = int(d.get("alm", 0))
-    lut = int(d["lut"]) if "lut" in d else int(round(alm * float(d["lut_equiv_per_alm"])))
-    memories = tuple(MemorySystem(kind, float(m["gbps"]), float(m["gb"])) for kind, m in d["memories"].items())
-    for mem in memories:
-        if mem.kind not in MEMORY_KINDS:
-            raise ValueError(f"devices.yaml: {name}: memory '{mem.kind}' is not one of {', '.join(MEMORY_KINDS)}")
-    return Device(
-        name=name, vendor=d["vendor"], part=d["part"], lut=lut, ff=int(d["ff"]), dsp=int(d["dsp"]),
-        dsp_kind=d["dsp_kind"], bram_blocks=int(d["bram_blocks"]), bram_block_kbits=int(d["bram_block_kbits"]),
-        uram=int(d["uram"]), memories=memories, default_memory=d["default_memory"],
-        static_w=float(d["static_w"]), shell_overhead=float(d["shell_overhead"]), source=d["source"], alm=alm,
-    )
-
-
 @lru_cache(maxsize=None)
 def _catalog() -> dict[str, Device]:
-    raw = load_data_yaml("devices.yaml")["devices"]
-    return {name: _device_from_yaml(name, d) for name, d in raw.items()}
+    return parse_devices(load_data_yaml("devices.yaml"), source="catalog")
 
 
 _USER: dict[str, Device] = {}
@@ -178,11 +158,6 @@ def get_device(name: str) -> Device:
         raise ValueError(f"'{name}' is not a known device; allowed: {', '.join(list_devices())}") from None
 
 
-def active_user_devices() -> dict[str, Device]:
-    """The user devices currently active (name -> Device)."""
-    return dict(_USER)
-
-
 @contextmanager
 def user_devices(devices: dict[str, Device]) -> Iterator[dict[str, Device]]:
     """Make ``devices`` known to :func:`get_device`, :func:`list_devices` and Accelerator inside the block.
@@ -199,17 +174,12 @@ def user_devices(devices: dict[str, Device]) -> Iterator[dict[str, Device]]:
         _USER.update(saved)
 
 
-# ---------------------------------------------------------------------------- user device files
-DEVICE_FIELDS = ("vendor", "part", "lut", "alm", "lut_equiv_per_alm", "ff", "dsp", "dsp_kind", "bram_blocks",
-                 "bram_block_kbits", "uram", "memories", "default_memory", "static_w", "shell_overhead", "source")
-"""Fields of one device in a user devices file (the catalog's fields)."""
-REQUIRED_DEVICE_FIELDS = ("ff", "dsp", "dsp_kind", "bram_blocks", "bram_block_kbits", "memories", "static_w")
-"""Required besides ``lut`` or ``alm`` (with ``lut_equiv_per_alm``)."""
-MEMORY_FIELDS = ("gbps", "gb")
+# ---------------------------------------------------------------------------- device files
+MEMORY_KINDS = ("hbm2", "ddr4")
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class DeviceFileError(ValueError):
+class DeviceFileError(SchemaError):
     """An invalid field in a user devices file: ``'<field path>: <problem and what is allowed>'``."""
 
 
@@ -219,127 +189,114 @@ def dsp_kinds() -> list[str]:
     return [kind for kind in c["macs_per_dsp"] if kind in c.get("lane_lut", {})]
 
 
-def _field_int(value: Any, path: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DeviceFileError(f"{path}: {value!r} is not an integer >= {low}")
+def _dsp_kind(value: Any) -> str:
+    if value not in dsp_kinds():
+        raise ValueError(f"{value!r} is not one of {', '.join(dsp_kinds())}")
     return value
 
 
-def _field_number(value: Any, path: str, low: float, high: float | None = None, *, open_low: bool = False,
-                  open_high: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low)
-        if high is not None:
-            ok = ok and (value < high if open_high else value <= high)
-    if not ok:
-        lo = f"({low:g}" if open_low else f"[{low:g}"
-        hi = "inf)" if high is None else (f"{high:g})" if open_high else f"{high:g}]")
-        raise DeviceFileError(f"{path}: {value!r} is not a number in {lo}, {hi}")
-    return float(value)
-
-
-def _field_str(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DeviceFileError(f"{path}: {value!r} is not a non-empty string")
-    return value.strip()
-
-
-def _mapping(value: Any, path: str, allowed: tuple[str, ...] | None, what: str) -> dict:
-    if not isinstance(value, dict) or not value:
-        raise DeviceFileError(f"{path}: expected a mapping of {what}; got {type(value).__name__}")
-    if allowed is not None:
-        for key in value:
-            if key not in allowed:
-                raise DeviceFileError(f"{path}.{key}: unknown field; allowed: {', '.join(allowed)}")
-    return value
-
-
-def parse_device(name: Any, d: Any, source: str = "user file", prefix: str = "devices") -> Device:
-    """Validate one user device mapping into a :class:`Device`; :class:`DeviceFileError` names the bad field."""
+def _device_name(name: Any) -> str:
     if not isinstance(name, str) or not DEVICE_NAME_RE.match(name):
-        raise DeviceFileError(f"{prefix}.{name}: the device name must be 1-64 letters, digits, '_', '.', '-'")
-    path = f"{prefix}.{name}"
-    d = _mapping(d, path, DEVICE_FIELDS, f"fields ({', '.join(DEVICE_FIELDS)})")
-    for key in REQUIRED_DEVICE_FIELDS:
-        if d.get(key) is None:
-            raise DeviceFileError(f"{path}.{key}: is required")
-    alm = 0
-    if d.get("lut") is not None:
-        if d.get("alm") is not None:
-            raise DeviceFileError(f"{path}.alm: give either lut (AMD LUT6) or alm with lut_equiv_per_alm (Intel), "
-                                  "not both")
-        lut = _field_int(d["lut"], f"{path}.lut", 1)
-    elif d.get("alm") is not None:
-        alm = _field_int(d["alm"], f"{path}.alm", 1)
-        if d.get("lut_equiv_per_alm") is None:
-            raise DeviceFileError(f"{path}.lut_equiv_per_alm: is required with alm (LUT6-equivalents per ALM, "
-                                  "e.g. 2)")
-        per_alm = _field_number(d["lut_equiv_per_alm"], f"{path}.lut_equiv_per_alm", 0, open_low=True)
-        lut = int(round(alm * per_alm))
-    else:
-        raise DeviceFileError(f"{path}.lut: is required (or alm with lut_equiv_per_alm)")
-    kinds = dsp_kinds()
-    if d["dsp_kind"] not in kinds:
-        raise DeviceFileError(f"{path}.dsp_kind: {d['dsp_kind']!r} is not one of {', '.join(kinds)}")
-    memories_raw = _mapping(d["memories"], f"{path}.memories", None,
-                            f"memory kind ({', '.join(MEMORY_KINDS)}) -> {{gbps, gb}}")
-    memories = []
-    for kind, m in memories_raw.items():
-        mpath = f"{path}.memories.{kind}"
-        if kind not in MEMORY_KINDS:
-            raise DeviceFileError(f"{mpath}: unknown memory kind; allowed: {', '.join(MEMORY_KINDS)}")
-        m = _mapping(m, mpath, MEMORY_FIELDS, "gbps (peak GB/s) and gb (capacity GiB)")
-        for key in MEMORY_FIELDS:
-            if m.get(key) is None:
-                raise DeviceFileError(f"{mpath}.{key}: is required")
-        memories.append(MemorySystem(kind, _field_number(m["gbps"], f"{mpath}.gbps", 0, open_low=True),
-                                     _field_number(m["gb"], f"{mpath}.gb", 0, open_low=True)))
-    default_memory = d.get("default_memory", memories[0].kind)
-    if default_memory not in [m.kind for m in memories]:
-        raise DeviceFileError(f"{path}.default_memory: {default_memory!r} is not one of "
-                              f"{', '.join(m.kind for m in memories)}")
-    return Device(
-        name=name,
-        vendor=_field_str(d.get("vendor", "user"), f"{path}.vendor"),
-        part=_field_str(d.get("part", "unspecified"), f"{path}.part"),
-        lut=lut,
-        ff=_field_int(d["ff"], f"{path}.ff", 0),
-        dsp=_field_int(d["dsp"], f"{path}.dsp", 0),
-        dsp_kind=d["dsp_kind"],
-        bram_blocks=_field_int(d["bram_blocks"], f"{path}.bram_blocks", 0),
-        bram_block_kbits=_field_int(d["bram_block_kbits"], f"{path}.bram_block_kbits", 1),
-        uram=_field_int(d.get("uram", 0), f"{path}.uram", 0),
-        memories=tuple(memories),
-        default_memory=default_memory,
-        static_w=_field_number(d["static_w"], f"{path}.static_w", 0),
-        shell_overhead=_field_number(d.get("shell_overhead", 0.0), f"{path}.shell_overhead", 0, 1, open_high=True),
-        source=_field_str(d.get("source", source), f"{path}.source"),
-        alm=alm,
-    )
+        raise ValueError("the device name must be 1-64 letters, digits, '_', '.', '-'")
+    return name
+
+
+def _mapping_of(what: str):
+    def check(value: Any) -> Any:
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"expected a mapping of {what}; got {type(value).__name__}")
+        return value
+    return check
+
+
+@schema(DeviceFileError)
+class MemoryFields:
+    """One off-chip memory of a board in a devices file."""
+
+    #: peak bandwidth, GB/s (1e9 bytes/s)
+    gbps: Number(0, open_lo=True)
+    #: capacity, GiB (2**30 bytes)
+    gb: Number(0, open_lo=True)
+
+
+@schema(DeviceFileError, kw_only=True)
+class DeviceFields:
+    """One board of a devices file (the catalog's fields; units as in ``data/devices.yaml``)."""
+
+    vendor: Text = "user"
+    part: Text = "unspecified"
+    #: LUT6 count (AMD); or give alm with lut_equiv_per_alm (Intel)
+    lut: Int(1) | None = None
+    #: Intel adaptive logic modules
+    alm: Int(1) | None = None
+    #: LUT6-equivalents per ALM (e.g. 2)
+    lut_equiv_per_alm: Number(0, open_lo=True) | None = None
+    ff: Int(0)
+    dsp: Int(0)
+    #: DSP block kind the constants know (constants.yaml macs_per_dsp)
+    dsp_kind: Annotated[str, PlainValidator(_dsp_kind)]
+    #: block RAMs of bram_block_kbits Kib each
+    bram_blocks: Int(0)
+    #: Kib per block RAM: 36 for AMD BRAM36, 20 for Intel M20K
+    bram_block_kbits: Int(1)
+    #: UltraRAM blocks of 288 Kib
+    uram: Int(0) = 0
+    #: memory kind (hbm2, ddr4) -> its gbps and gb
+    memories: dict[str, MemoryFields]
+    #: the memory used by default (default: the first listed)
+    default_memory: str | None = None
+    #: W drawn while idle
+    static_w: Number(0)
+    #: fraction of every fabric resource taken by the vendor shell
+    shell_overhead: Number(0, 1, open_hi=True) = 0.0
+    #: where the figures come from
+    source: Text | None = None
+
+    @field_validator("memories", mode="before")
+    @classmethod
+    def _kinds(cls, value):
+        _mapping_of(f"memory kind ({', '.join(MEMORY_KINDS)}) -> {{gbps, gb}}")(value)
+        for kind in value:
+            if kind not in MEMORY_KINDS:
+                raise Problem(f"unknown memory kind; allowed: {', '.join(MEMORY_KINDS)}", kind)
+        return value
+
+    @model_validator(mode="after")
+    def _logic_and_memory(self):
+        if self.lut is not None and self.alm is not None:
+            raise Problem("give either lut (AMD LUT6) or alm with lut_equiv_per_alm (Intel), not both", "alm")
+        if self.lut is None and self.alm is None:
+            raise Problem("is required (or alm with lut_equiv_per_alm)", "lut")
+        if self.alm is not None and self.lut_equiv_per_alm is None:
+            raise Problem("is required with alm (LUT6-equivalents per ALM, e.g. 2)", "lut_equiv_per_alm")
+        if self.default_memory is not None and self.default_memory not in self.memories:
+            raise Problem(f"{self.default_memory!r} is not one of {', '.join(self.memories)}", "default_memory")
+        return self
+
+    def device(self, name: str, source: str) -> Device:
+        lut = self.lut if self.lut is not None else int(round(self.alm * self.lut_equiv_per_alm))
+        memories = tuple(MemorySystem(kind, m.gbps, m.gb) for kind, m in self.memories.items())
+        return Device(name=name, vendor=self.vendor, part=self.part, lut=lut, ff=self.ff, dsp=self.dsp,
+                      dsp_kind=self.dsp_kind, bram_blocks=self.bram_blocks, bram_block_kbits=self.bram_block_kbits,
+                      uram=self.uram, memories=memories, default_memory=self.default_memory or memories[0].kind,
+                      static_w=self.static_w, shell_overhead=self.shell_overhead, source=self.source or source,
+                      alm=self.alm or 0)
+
+
+@schema(DeviceFileError)
+class DevicesFile:
+    """A devices file: ``devices: {<name>: {<fields>}}``."""
+
+    devices: dict[Annotated[str, PlainValidator(_device_name)], DeviceFields]
+
+    _devices = field_validator("devices", mode="before")(_mapping_of("device name -> fields"))
 
 
 def parse_devices(data: Any, source: str = "user file") -> dict[str, Device]:
     """Validate ``{'devices': {name: fields}}`` (as loaded from YAML) into name -> :class:`Device`."""
-    if not isinstance(data, dict):
-        raise DeviceFileError(f"devices: expected a mapping 'devices: {{<name>: {{<fields>}}}}'; "
-                              f"got {type(data).__name__}")
-    for key in data:
-        if key != "devices":
-            raise DeviceFileError(f"{key}: unknown field; allowed: devices")
-    raw = _mapping(data.get("devices"), "devices", None, "device name -> fields")
-    return {name: parse_device(name, d, source) for name, d in raw.items()}
+    return {name: d.device(name, source) for name, d in parse(DevicesFile, data).devices.items()}
 
 
 def load_devices_file(path: str | Path) -> dict[str, Device]:
     """Read and validate a user devices YAML file; :class:`DeviceFileError` (one line) on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeviceFileError(f"file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DeviceFileError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    return parse_devices(data, source=f"user file {path.name}")
+    return parse_devices(read_yaml(path, DeviceFileError), source=f"user file {Path(path).name}")

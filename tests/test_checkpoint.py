@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
-from dse.spec import CompressionSpec
+from evaluators.settings import CompressionSpec
 from evaluators.checkpoint import (CheckpointError, load_checkpoint, pack_codes, pack_mask, read_manifest,
                                    unpack_codes, unpack_mask, write_checkpoint)
 from evaluators.compress import PlanApplier

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
-from dse.spec import CompressionSpec
+from evaluators.settings import CompressionSpec
 from evaluators.compress import PlanApplier, PlanApplyError, compress_layer, needs_calibration
 from evaluators.compress.cache import CompressionCache
 from evaluators.compress.calibration import CalibrationSet, collect_hessians

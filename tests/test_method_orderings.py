@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
-from dse.spec import CompressionSpec
+from evaluators.settings import CompressionSpec
 from evaluators.compress import PlanApplier
 from evaluators.fidelity import ProxySet, dense_reference, proxy_eval
 from evaluators.models import linear_layer_names, load_model

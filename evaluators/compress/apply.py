@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dse.plan import LayerPlan, ModelPlan
-from dse.spec import CompressionSpec
+from evaluators.settings import CompressionSpec
 from evaluators.compress import mlgru as mlgru_mod
 from evaluators.compress.cache import CompressionCache, entry_key, model_fingerprint
 from evaluators.compress.calibration import BlockRunner, CalibrationSet, HessianHooks, collect_hessians
