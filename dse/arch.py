@@ -150,13 +150,14 @@ class LinearLayer(NamedTuple):
 
 
 class PlanMismatch(UserError, ValueError):
-    """A plan the model cannot take. ``str()`` is one line; ``layer`` / ``block`` name what is wrong and
-    ``problem`` says why, so a command can put the flag or field it read the plan from in front."""
+    """A plan the model cannot take. ``str()`` is one line; ``layer`` or ``block`` names what is wrong,
+    ``field`` which of its fields (``name``, ``sparsity``, ``index``, ``mixer``) and ``problem`` why, so a
+    command can put the flag or spec field it read the plan from in front."""
 
-    def __init__(self, message: str, *, layer: str | None = None, block: int | None = None,
-                 sparsity: Sparsity | None = None, problem: str = ""):
+    def __init__(self, message: str, *, field: str, problem: str, layer: str | None = None,
+                 block: int | None = None, sparsity: Sparsity | None = None):
         super().__init__(message)
-        self.layer, self.block, self.sparsity, self.problem = layer, block, sparsity, problem or message
+        self.field, self.problem, self.layer, self.block, self.sparsity = field, problem, layer, block, sparsity
 
 
 @dataclass(frozen=True)
@@ -493,11 +494,12 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
     mlgru = set()
     for bp in plan.blocks:
         if not 0 <= bp.index < n:
-            raise PlanMismatch(f"plan block {bp.index} is not in 0..{n - 1}", block=bp.index,
+            raise PlanMismatch(f"plan block {bp.index} is not in 0..{n - 1}", block=bp.index, field="index",
                                problem=f"block {bp.index} is not in the workload (blocks 0..{n - 1})")
         if bp.mixer == "attention" and workload.token_mixer == "mlgru":
-            raise PlanMismatch(f"plan block {bp.index} mixer 'attention': model_type {workload.model_type} has no "
-                               "attention; allowed: mlgru", block=bp.index)
+            problem = f"model_type {workload.model_type} has no attention; allowed: mlgru"
+            raise PlanMismatch(f"plan block {bp.index} mixer 'attention': {problem}", block=bp.index, field="mixer",
+                               problem=problem)
         if bp.mixer == "mlgru":
             mlgru.add(bp.index)
     names = {layer.name for layer in workload.linear_layers()} | {layer.name for layer in workload.linear_layers(mlgru)}
@@ -507,12 +509,13 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
                     if lp.name in workload.layer_names() else "")
             example = workload.linear_layers()[0].name
             raise PlanMismatch(f"plan layer '{lp.name}' is not a linear layer of the workload (e.g. '{example}', "
-                               f"'lm_head'){hint}", layer=lp.name, problem=f"is not in the workload ({n} blocks){hint}")
+                               f"'lm_head'){hint}", layer=lp.name, field="name",
+                               problem=f"is not in the workload ({n} blocks){hint}")
     widths = {layer.name: layer.in_features for layer in workload.linear_layers(mlgru)}
     for name, lp in workload.effective_plan(plan).items():
         if lp.sparsity is not None and widths[name] % lp.sparsity.m:
             raise PlanMismatch(f"layer {name}: M={lp.sparsity.m} does not divide in_features {widths[name]}",
-                               layer=name, sparsity=lp.sparsity,
+                               layer=name, sparsity=lp.sparsity, field="sparsity",
                                problem=f"M={lp.sparsity.m} does not divide in_features {widths[name]} of {name}")
 
 

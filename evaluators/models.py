@@ -143,7 +143,7 @@ def load_model(name: str = DEFAULT_MODEL):
 
 
 def linear_layer_names(model) -> list[str]:
-    """Module paths of every ``nn.Linear`` in the model (the names plans and spec regexes use)."""
-    import torch
+    """Module paths of every linear layer in the model (the names plans and spec regexes use)."""
+    from evaluators.compress.modules import linear_modules
 
-    return [name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    return list(linear_modules(model))

@@ -124,40 +124,39 @@ def collect_hessians(model, calib: CalibrationSet, linears: dict[str, torch.nn.M
     return sums
 
 
-class _Captured(Exception):
-    pass
-
-
 class BlockRunner:
     """The calibration hidden states at the input of block ``b``, advanced one block at a time.
 
-    The first call captures, per chunk of windows, the hidden states entering block 0 and the
-    keyword arguments the model passes its blocks (rotary embeddings, masks, positions), then
-    stops the forward pass. :meth:`run` calls one block on every chunk; hooks registered on the
-    block's layers meanwhile see its inputs.
+    One dense pass captures, per chunk of windows, the hidden states entering block 0 and the
+    keyword arguments the model passes each block (rotary embeddings, masks, positions: per block,
+    since families such as Gemma 2/3 give sliding-window and global blocks their own masks and
+    rotary tables). :meth:`run` calls one block on every chunk; hooks registered on the block's
+    layers meanwhile see its inputs.
     """
 
     def __init__(self, model, blocks: torch.nn.ModuleList, calib: CalibrationSet):
         self.blocks = blocks
         self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
+        self.kwargs: list[list[dict]] = [[] for _ in blocks]  # [block][chunk]
         self.index = 0
 
-        def capture(module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            self.kwargs.append(dict(kwargs))
-            raise _Captured
+        def capture(block: int):
+            def hook(module, args, kwargs):
+                kwargs = dict(kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                if block == 0:
+                    self.hidden.append(hidden)
+                self.kwargs[block].append(kwargs)
+            return hook
 
-        handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        handles = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(blocks)]
         try:
             with torch.inference_mode():
                 for chunk in calib.input_ids.split(CHUNK):
-                    try:
-                        model(chunk, use_cache=False)
-                    except _Captured:
-                        pass
+                    model(chunk, use_cache=False)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def run(self, block: int, advance: bool = True, hooks: HessianHooks | None = None) -> None:
         """Call block ``block`` (the next one) on every chunk; keep its outputs as the next input if ``advance``."""
@@ -165,7 +164,7 @@ class BlockRunner:
             raise ValueError(f"BlockRunner: block {block} requested, at block {self.index}")
         out = []
         with torch.inference_mode():
-            for hidden, kwargs in zip(self.hidden, self.kwargs):
+            for hidden, kwargs in zip(self.hidden, self.kwargs[block]):
                 if hooks is not None:
                     hooks.reset_sharing()
                 result = self.blocks[block](hidden, **kwargs)

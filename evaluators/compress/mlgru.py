@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evaluators.compress.modules import config_workload, weight_of
+
 __all__ = [
     "MLGRU", "lower_bound", "from_attention", "install", "uninstall", "installed_blocks", "decoder_layers",
     "capture_attention_io", "distill", "recurrence_loop", "recurrence_scan",
@@ -197,56 +199,64 @@ def lower_bound(block: int, num_blocks: int) -> float:
     return block / num_blocks
 
 
-def _attention_shape(config) -> tuple[int, int, int, int]:
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    return hidden, heads, kv_heads, head_dim
+def _value_and_output(attn: nn.Module, workload) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention's value projection ``[kv_heads*head_dim, hidden]`` (rows of a fused qkv projection where the
+    family fuses them) and output projection ``[hidden, heads*head_dim]``, as :mod:`dse.arch` names them."""
+    q_out, kv_out = workload.heads * workload.head_dim, workload.kv_heads * workload.head_dim
+    weights = {role: weight_of(getattr(attn, attr)).detach() for attr, role in workload.arch.mixer_proj}
+    v = weights["v"] if "v" in weights else weights["qkv"][q_out + kv_out:q_out + 2 * kv_out]
+    return v, weights["o"]
 
 
 def from_attention(attn: nn.Module, config, block: int, num_blocks: int, seed: int = 0) -> MLGRU:
-    """An MLGRU for ``block`` initialised from that block's (Llama-style) attention module.
+    """An MLGRU for ``block`` initialised from that block's attention module, for any attention geometry.
 
-    * ``c_proj <- v_proj`` expanded over the grouped KV heads: KV head ``j``'s rows are repeated
-      for each of the ``heads / kv_heads`` query heads that read it (``repeat_kv``'s order), so the
-      candidate has the width ``heads * head_dim = hidden`` of the attention's concatenated heads;
-    * ``o_proj <- o_proj`` of the attention (it reads exactly those concatenated heads);
+    As in the MatMul-free LM, the MLGRU maps hidden -> hidden whatever the attention's heads, KV heads and
+    head_dim. Its linear path ``W_o W_c`` starts as the attention's value-output path ``O V`` (``V`` expanded
+    over the grouped KV heads: KV head ``j``'s rows repeated for each of the ``heads / kv_heads`` query heads
+    that read it, ``repeat_kv``'s order):
+
+    * ``heads * head_dim == hidden`` (Llama, Mistral, Qwen2, SmolLM2): ``c_proj <- V`` expanded and
+      ``o_proj <- O``, the attention's own matrices;
+    * otherwise (Gemma, Qwen3, where heads*head_dim differs from hidden): the hidden x hidden product
+      ``O V = U S W^T`` split by its SVD, ``c_proj <- S^1/2 W^T`` and ``o_proj <- U S^1/2``;
     * ``f_proj``, ``g_proj``: small random (the reference's ``xavier_uniform_(gain=2**-2.5)``,
       from a generator seeded with ``seed``); ``g_norm.weight = 1``; ``lower_bound`` = :func:`lower_bound`.
 
-    Why: attention's output is ``W_o`` applied to causal convex averages of the value vectors
+    Why: attention's output is ``O`` applied to causal convex averages of the value vectors
     ``V x_s``. With small ``W_f`` the forget gate sits near ``lb + (1 - lb) / 2``, so ``h_t`` is an
-    exponential (causal) running average of ``silu(V x_s)`` over the last few tokens (longer in
+    exponential (causal) running average of ``silu(W_c x_s)`` over the last few tokens (longer in
     later blocks, whose lower bound is higher), and ``W_o`` maps it back as attention does: a rough
     stand-in for attention that already lives in the right subspaces. The output gate of the
     reference form, ``rmsnorm(x W_g)``, is not a near-constant "open" gate at this initialisation
     (the norm rescales the small ``x W_g`` to unit RMS, with signs set by ``x``); distillation
     (:func:`distill`) learns it, together with the rest, starting from this point.
 
-    Attention biases (``attention_bias``) are not carried over (the MLGRU projections have none).
-    Needs ``heads * head_dim == hidden`` (Llama, Mistral, Qwen2, SmolLM2).
+    ``config``: the model's Hugging Face config. Attention biases are not carried over (the MLGRU
+    projections have none).
     """
     if isinstance(attn, _MixerAdapter):  # a block with an MLGRU installed already: use its attention
         attn = attn.original
-    hidden, heads, kv_heads, head_dim = _attention_shape(config)
-    if heads * head_dim != hidden:
-        raise ValueError(f"from_attention: heads*head_dim = {heads * head_dim} differs from hidden {hidden}; "
-                         "an MLGRU replacing this attention needs hidden -> hidden projections")
-    if heads % kv_heads:
-        raise ValueError(f"from_attention: {heads} attention heads are not a multiple of {kv_heads} KV heads")
-    v = attn.v_proj.weight.detach()
-    o = attn.o_proj.weight.detach()
+    workload = config_workload(config)
+    hidden, heads, kv_heads, head_dim = workload.hidden, workload.heads, workload.kv_heads, workload.head_dim
+    v, o = _value_and_output(attn, workload)
     if tuple(v.shape) != (kv_heads * head_dim, hidden) or tuple(o.shape) != (hidden, heads * head_dim):
-        raise ValueError(f"from_attention: v_proj {tuple(v.shape)} / o_proj {tuple(o.shape)} do not match the "
-                         f"config (hidden {hidden}, {heads} heads, {kv_heads} KV heads of {head_dim})")
-    eps = float(getattr(config, "rms_norm_eps", None) or 1e-5)
+        raise ValueError(f"from_attention: value {tuple(v.shape)} / output {tuple(o.shape)} projections do not match "
+                         f"the config (hidden {hidden}, {heads} heads, {kv_heads} KV heads of {head_dim})")
+    eps = float(getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_epsilon", None) or 1e-5)
     mixer = MLGRU(hidden, lower_bound(block, num_blocks), eps=eps).to(dtype=v.dtype, device=v.device)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     with torch.no_grad():
         expanded = v.reshape(kv_heads, head_dim, hidden).repeat_interleave(heads // kv_heads, dim=0)
-        mixer.c_proj.weight.copy_(expanded.reshape(hidden, hidden))
-        mixer.o_proj.weight.copy_(o)
+        expanded = expanded.reshape(heads * head_dim, hidden)
+        if heads * head_dim == hidden:
+            mixer.c_proj.weight.copy_(expanded)
+            mixer.o_proj.weight.copy_(o)
+        else:
+            u, sv, wt = torch.linalg.svd(o.float() @ expanded.float())
+            root = sv.sqrt()
+            mixer.c_proj.weight.copy_(root[:, None] * wt)
+            mixer.o_proj.weight.copy_(u * root[None, :])
         for lin in (mixer.f_proj, mixer.g_proj):
             w = torch.empty(hidden, hidden, dtype=torch.float32)
             nn.init.xavier_uniform_(w, gain=INIT_GAIN, generator=gen)
@@ -259,7 +269,8 @@ def from_attention(attn: nn.Module, config, block: int, num_blocks: int, seed: i
 # ---------------------------------------------------------------------------------------------- installing
 
 class _MixerAdapter(nn.Module):
-    """Stands in for a decoder layer's ``self_attn``: returns ``(mlgru(hidden_states), None)``.
+    """Stands in for a decoder layer's attention: returns ``(mlgru(hidden_states), None)``, the ``(output,
+    weights)`` pair every supported family's decoder layer unpacks.
 
     The MLGRU and the original attention are held in ``__dict__``, not as submodules: the MLGRU is
     registered once, as ``layers[i].mlgru``, and the attention is kept only so that :func:`uninstall`
@@ -275,24 +286,14 @@ class _MixerAdapter(nn.Module):
         return self.mlgru(hidden_states), None
 
 
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks (``model.model.layers`` for Llama; a few other layouts;
-    else the longest ``nn.ModuleList`` in the model)."""
-    for path in _LAYER_PATHS:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"decoder_layers: {type(model).__name__} has no nn.ModuleList of blocks")
-    return max(lists, key=len)
+    """The model's list of decoder blocks (``model.model.layers`` for Llama; :mod:`dse.arch` knows each family)."""
+    return model.get_submodule(config_workload(model.config).block_prefix)
+
+
+def _mixer_attr(model: nn.Module) -> str:
+    """Attribute of a block holding its token mixer (``self_attn``; GPT-2 ``attn``)."""
+    return config_workload(model.config).arch.mixer
 
 
 def _layer(model: nn.Module, block: int) -> nn.Module:
@@ -304,55 +305,55 @@ def _layer(model: nn.Module, block: int) -> nn.Module:
 
 def install(model: nn.Module, block: int, mlgru: MLGRU) -> None:
     """Replace block ``block``'s attention by ``mlgru`` (registered as ``layers[block].mlgru``, listed
-    by ``named_modules()`` right after ``self_attn``, i.e. before the MLP as the attention was).
+    by ``named_modules()`` right after the attention (``self_attn``; GPT-2 ``attn``), i.e. before the MLP).
 
-    ``layers[block].self_attn`` becomes an adapter calling the MLGRU; the original attention is
+    The block's attention attribute becomes an adapter calling the MLGRU; the original attention is
     kept for :func:`uninstall`. Installing into a block that has an MLGRU already replaces it.
     """
-    layer = _layer(model, block)
+    layer, attr = _layer(model, block), _mixer_attr(model)
     if not isinstance(mlgru, MLGRU):
         raise TypeError(f"install: expected an MLGRU, got {type(mlgru).__name__}")
-    current = getattr(layer, "self_attn", None)
+    current = getattr(layer, attr, None)
     if current is None:
-        raise ValueError(f"install: block {block} ({type(layer).__name__}) has no self_attn")
+        raise ValueError(f"install: block {block} ({type(layer).__name__}) has no {attr}")
     original = current.original if isinstance(current, _MixerAdapter) else current
-    layer.self_attn = _MixerAdapter(mlgru, original)
-    # register .mlgru right after .self_attn, so named_modules() lists it where the attention was
+    setattr(layer, attr, _MixerAdapter(mlgru, original))
+    # register .mlgru right after the attention, so named_modules() lists it where the attention was
     children = [(k, v) for k, v in layer._modules.items() if k != "mlgru"]
     layer._modules.clear()
     for name, child in children:
         layer._modules[name] = child
-        if name == "self_attn":
+        if name == attr:
             layer._modules["mlgru"] = mlgru
 
 
 def uninstall(model: nn.Module, block: int) -> None:
     """Put block ``block``'s original attention back and remove its ``.mlgru`` (no-op if none)."""
-    layer = _layer(model, block)
-    current = getattr(layer, "self_attn", None)
+    layer, attr = _layer(model, block), _mixer_attr(model)
+    current = getattr(layer, attr, None)
     if isinstance(current, _MixerAdapter):
-        layer.self_attn = current.original
+        setattr(layer, attr, current.original)
     if "mlgru" in layer._modules:
         del layer._modules["mlgru"]
 
 
 def installed_blocks(model: nn.Module) -> list[int]:
     """Indices of the blocks whose attention is currently replaced by an MLGRU."""
-    return [i for i, layer in enumerate(decoder_layers(model))
-            if isinstance(getattr(layer, "self_attn", None), _MixerAdapter)]
+    attr = _mixer_attr(model)
+    return [i for i, layer in enumerate(decoder_layers(model)) if isinstance(getattr(layer, attr, None), _MixerAdapter)]
 
 
 # ---------------------------------------------------------------------------------------------- distillation
 
 def capture_attention_io(model: nn.Module, blocks: list[int], input_ids: torch.Tensor,
                          batch: int = 4) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Inputs and outputs of the listed blocks' ``self_attn`` over ``input_ids`` ``[N, T]``.
+    """Inputs and outputs of the listed blocks' attention (``self_attn``; GPT-2 ``attn``) over ``input_ids`` ``[N, T]``.
 
     One pass of the model (in batches of ``batch`` rows, ``use_cache=False``, inference mode) with a
-    forward hook on each listed block's ``self_attn``: ``x`` is its input ``hidden_states`` (after the
+    forward hook on each listed block's attention: ``x`` is its input ``hidden_states`` (after the
     block's input norm), ``y`` its output attention tensor (before the residual add). Returns
     ``{block: (x, y)}``, float32 ``[N, T, hidden]`` each, on the CPU. The hooks see whatever
-    ``self_attn`` is in place, so capture from the dense model (or with earlier blocks' MLGRUs
+    attention is in place, so capture from the dense model (or with earlier blocks' MLGRUs
     installed, to distil against their outputs).
     """
     if input_ids.dim() != 2:
@@ -368,7 +369,8 @@ def capture_attention_io(model: nn.Module, blocks: list[int], input_ids: torch.T
             store[b][1].append(y.detach().float().cpu())
         return hook
 
-    handles = [_layer(model, b).self_attn.register_forward_hook(make_hook(b), with_kwargs=True) for b in blocks]
+    attr = _mixer_attr(model)
+    handles = [getattr(_layer(model, b), attr).register_forward_hook(make_hook(b), with_kwargs=True) for b in blocks]
     was_training = model.training
     model.eval()
     try:
