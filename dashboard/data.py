@@ -9,13 +9,13 @@ so the dashboard and the command line agree on every number.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from dse.arch import block_index, layer_type
 from dse.pareto import hypervolume_history, is_feasible, losses, nondominated, study_front
 from dse.plan import LayerPlan
 from dse.report import hw_metrics, objective_names, plan_label, trial_row
@@ -38,7 +38,6 @@ AXES = {**MODEL_AXES, **{name: (HW_LABELS.get(name, name), meta["direction"]) fo
 
 _STATE_STATUS = {TrialState.RUNNING: "running", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
                  TrialState.WAITING: "waiting"}
-BLOCK_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|decoder\.layers)\.(\d+)\.(.+)$")
 
 
 # ------------------------------------------------------------------ the study view
@@ -114,8 +113,7 @@ def hypervolume_frame(study: optuna.Study, trials) -> pd.DataFrame:
 # ------------------------------------------------------------------ one trial
 def layer_position(name: str) -> tuple[int | None, str]:
     """``model.layers.3.mlp.down_proj`` -> (3, ``mlp.down_proj``); a layer outside the blocks -> (None, name)."""
-    match = BLOCK_LAYER.match(name)
-    return (int(match.group(1)), match.group(2)) if match else (None, name)
+    return block_index(name), layer_type(name)
 
 
 def _bits_per_weight(layer: LayerPlan, shapes: dict[str, tuple[int, int]]) -> float:

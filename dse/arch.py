@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -133,6 +134,22 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         "max_position_embeddings": 2048,
     },
 }
+
+
+_BLOCK_RE = re.compile(r"\.(\d+)\.")
+
+
+def block_index(layer_name: str) -> int | None:
+    """Index of the block a module path lies in (its first numeric part, as every family's block list gives
+    it: ``model.layers.12.mlp.up_proj`` -> 12, ``transformer.h.3.attn.c_attn`` -> 3), or None (``lm_head``)."""
+    match = _BLOCK_RE.search(f".{layer_name}.")
+    return int(match.group(1)) if match else None
+
+
+def layer_type(layer_name: str) -> str:
+    """The layer's path inside its block (``mlp.down_proj``), or its whole name outside the blocks."""
+    match = _BLOCK_RE.search(f".{layer_name}.")
+    return layer_name[match.end() - 1:] if match else layer_name
 
 
 def supported_model_types() -> str:
@@ -307,16 +324,7 @@ class Workload:
 
     def block_of(self, name: str) -> int | None:
         """Index of the block a module path lies in, or None (embedding, lm_head, OPT project_in/out)."""
-        head = self.arch.blocks + "."
-        if not name.startswith(head):
-            return None
-        part = name[len(head):].split(".", 1)[0]
-        return int(part) if part.isdigit() else None
-
-    def layer_type(self, name: str) -> str:
-        """The layer's path inside its block (``mlp.down_proj``), or its whole name outside the blocks."""
-        block = self.block_of(name)
-        return name if block is None else name[len(self.block_name(block)) + 1:]
+        return block_index(name) if name.startswith(self.arch.blocks + ".") else None
 
     # ----------------------------------------------------------------- layers
     def _shape(self, role: str) -> tuple[int, int]:

@@ -130,7 +130,7 @@ def cmd_sensitivity(args) -> int:
     from dse.study import prepare
     from evaluators.fidelity import ProxySet
     from evaluators.models import load_model
-    from evaluators.sensitivity import scan, write_plot
+    from dse.sensitivity import scan, write_plot
 
     spec = load_spec(args.spec)
     windows = _positive(args.windows, "--windows") or spec.proxy.windows

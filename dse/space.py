@@ -25,23 +25,10 @@ from dataclasses import dataclass
 
 from optuna.distributions import CategoricalDistribution
 
-from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat, sparsity_name
+from dse.arch import block_index, layer_type
+from dse.plan import MIXERS, BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat, sparsity_name
 from dse.spec import LayerGroup, SpaceSpec, SpecError
 
-_BLOCK_RE = re.compile(r"\.(\d+)\.")
-MIXERS = ("attention", "mlgru")
-
-
-def block_index(layer_name: str) -> int | None:
-    """Index of the transformer block a layer belongs to (first numeric path part), or None."""
-    match = _BLOCK_RE.search(f".{layer_name}.")
-    return int(match.group(1)) if match else None
-
-
-def layer_type(layer_name: str) -> str:
-    """The layer's path inside its block (``mlp.down_proj``), or its whole name outside the blocks."""
-    match = _BLOCK_RE.search(f".{layer_name}.")
-    return layer_name[match.end() - 1:] if match else layer_name
 
 
 @dataclass(frozen=True)

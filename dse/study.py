@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from dse.arch import PlanMismatch, Workload, check_plan
+from dse.plan import BlockPlan, LayerPlan, ModelPlan
 from dse.space import Unit, build_units, suggest_plan
 from dse.spec import ACCURACY, MODEL_OBJECTIVES, PROXY_KL, SpecError, StudySpec
 
@@ -78,7 +80,7 @@ def prepare(spec: StudySpec) -> Setup:
     """Validate the spec against the model and task registry; raises SpecError, writes nothing."""
     from evaluators.models import ModelError, load_config
     from evaluators.tasks import resolve_tasks
-    from hwcost import Accelerator, Workload
+    from hwcost import Accelerator
 
     try:
         config = load_config(spec.model)
@@ -95,23 +97,30 @@ def prepare(spec: StudySpec) -> Setup:
         raise SpecError("" if message.startswith("tasks") else "tasks", message) from None
     layers = workload.linear_layers()
     units = build_units(spec.space, [layer.name for layer in layers])
-    check_nm_widths(spec, {layer.name: layer.in_features for layer in layers}, units)
     for i, block in enumerate(spec.space.mlgru_blocks):
-        if block >= workload.num_layers:
+        if block >= workload.num_layers or workload.token_mixer != "attention":
             raise SpecError(f"space.mlgru_blocks[{i}]", f"block {block} is not in the model (blocks 0.."
-                                                         f"{workload.num_layers - 1})")
+                                                         f"{workload.num_layers - 1})" if block >= workload.num_layers
+                            else f"model_type {workload.model_type} has no attention to replace")
+    check_nm_widths(spec, workload, units)
     return Setup(spec, workload, Accelerator.from_dict(spec.hardware), units)
 
 
-def check_nm_widths(spec: StudySpec, in_features: dict[str, int], units: list[Unit]) -> None:
-    """Every N:M pattern a group allows must have M dividing the input width of each layer it targets."""
+def check_nm_widths(spec: StudySpec, workload: Workload, units: list[Unit]) -> None:
+    """Every N:M pattern a group allows must fit every layer it targets, as :func:`dse.arch.check_plan` sees it:
+    M divides the layer's input width, and that of the MLGRU projections inheriting it in ``space.mlgru_blocks``."""
+    mlgru = tuple(BlockPlan(b, "mlgru") for b in spec.space.mlgru_blocks)
     for unit in units:
         i = spec.space.groups.index(unit.group)
         for j, sparsity in enumerate(unit.group.sparsity):
-            for name in unit.layers:
-                if sparsity is not None and in_features[name] % sparsity.m:
-                    raise SpecError(f"space.groups[{i}].sparsity[{j}]",
-                                    f"M={sparsity.m} does not divide in_features {in_features[name]} of {name}")
+            if sparsity is None:
+                continue
+            for blocks in ((), mlgru) if mlgru else ((),):
+                plan = ModelPlan(tuple(LayerPlan(name, sparsity) for name in unit.layers), blocks)
+                try:
+                    check_plan(plan, workload)
+                except PlanMismatch as err:
+                    raise SpecError(f"space.groups[{i}].sparsity[{j}]", err.problem) from None
 
 
 def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:

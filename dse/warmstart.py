@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dse.space import Unit, block_index, plan_from_params, unit_params
+from dse.arch import block_index
+from dse.space import Unit, plan_from_params, unit_params
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,8 @@ from dse.plan import LayerPlan, ModelPlan, WeightFormat
 from dse.textio import replacing
 from evaluators.settings import CompressionSpec
 from evaluators.compress import mlgru as mlgru_mod
-from evaluators.compress.apply import COUNTERPART, PlanApplier
+from evaluators.compress.apply import PlanApplier
+from evaluators.compress.modules import weight_of
 from evaluators.compress.cache import CompressionCache
 from evaluators.compress.grid import TERNARY_ZERO
 from evaluators.compress.packed import PackedWeight
@@ -259,11 +260,10 @@ def save_applied(applier: PlanApplier, plan: ModelPlan, out: Path, *, model_name
             raise RuntimeError(f"checkpoint: layer {lp.name}: no cache entry after apply (key {keys[lp.name]})")
         inherited = None
         if ".mlgru." in lp.name and lp.name not in named:
-            block = applier.block_of(lp.name)
-            inherited = f"{applier.prefix}.{block}.self_attn.{COUNTERPART[lp.name.rsplit('.', 1)[-1]]}"
+            inherited = applier.workload.mlgru_counterpart(lp.name)
         parts, record = encode_layer(lp, packed, inherited)
         module = model.get_submodule(lp.name)
-        if not torch.equal(decode_layer(record, parts).dequantize(), module.weight.detach().float()):
+        if not torch.equal(decode_layer(record, parts).dequantize(), weight_of(module).detach().float()):
             raise RuntimeError(f"checkpoint: layer {lp.name}: the packed weight differs from the applied one")
         record["tensors"] = {part: f"{lp.name}.{part}" for part in parts}
         tensors.update({f"{lp.name}.{part}": t for part, t in parts.items()})
@@ -433,11 +433,11 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, object]:
         for record in records:
             module = model.get_submodule(record["name"])
             parts = {part: stored[name] for part, name in record["tensors"].items()}
-            weight = decode_layer(record, parts).dequantize()
-            if tuple(weight.shape) != tuple(module.weight.shape):
+            weight, target = decode_layer(record, parts).dequantize(), weight_of(module)
+            if tuple(weight.shape) != tuple(target.shape):
                 raise CheckpointError(f"checkpoint: {weights}: layer {record['name']} has shape "
-                                      f"{tuple(weight.shape)}, the model {tuple(module.weight.shape)}")
-            module.weight.copy_(weight.to(module.weight.dtype))
+                                      f"{tuple(weight.shape)}, the model {tuple(target.shape)}")
+            target.copy_(weight.to(target.dtype))
             if record["format"] == "ternary":
                 module.register_forward_pre_hook(activation_hook)
     model.eval()

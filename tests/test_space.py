@@ -8,7 +8,8 @@ import optuna
 import pytest
 
 from dse.plan import Sparsity, WeightFormat
-from dse.space import block_index, build_units, distributions, plan_from_params, suggest_plan, unit_params
+from dse.arch import block_index
+from dse.space import build_units, distributions, plan_from_params, suggest_plan, unit_params
 from dse.spec import SpecError, load_spec
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"

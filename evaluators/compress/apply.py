@@ -19,7 +19,8 @@ Calibration (``CompressionSpec.mode``, the spec's ``compression`` section) for t
 Calibration-free methods (magnitude, round-to-nearest, absmean ternary) are keyed by the layer
 and choice alone. Distilled MLGRUs always learn from the dense model's attention of that block.
 MLGRU projections the plan does not name inherit the plan of their attention counterpart
-(f <- q_proj, c <- k_proj, g <- v_proj, o <- o_proj), as in :mod:`hwcost.workload`.
+(f <- q_proj, c <- k_proj, g <- v_proj, o <- o_proj; a fused qkv projection gives f, c and g), as
+:mod:`dse.arch` describes for every family; names, blocks and the plan check come from there too.
 """
 
 from __future__ import annotations
@@ -32,21 +33,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dse.arch import PlanMismatch, check_plan
+from dse.errors import UserError
 from dse.plan import LayerPlan, ModelPlan
 from evaluators.settings import CompressionSpec
 from evaluators.compress import mlgru as mlgru_mod
 from evaluators.compress.cache import CompressionCache, entry_key, model_fingerprint
 from evaluators.compress.calibration import BlockRunner, CalibrationSet, HessianHooks, collect_hessians
 from evaluators.compress.methods import compress_layer, needs_calibration
+from evaluators.compress.modules import config_workload, linear_modules, weight_of
 from evaluators.compress.ternary import activation_hook
 
 log = logging.getLogger(__name__)
 
-COUNTERPART = {"f_proj": "q_proj", "c_proj": "k_proj", "g_proj": "v_proj", "o_proj": "o_proj"}
-"""MLGRU projection -> the attention projection whose plan it inherits (Llama-style blocks)."""
-
-
-class PlanApplyError(ValueError):
+class PlanApplyError(UserError, ValueError):
     """A plan this model cannot take; the one-line message names the layer or block and the field."""
 
 
@@ -76,9 +76,13 @@ class PlanApplier:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or CompressionSpec()
-        self.linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        self.blocks = mlgru_mod.decoder_layers(model)
-        self.prefix = next(n for n, m in model.named_modules() if m is self.blocks)
+        try:
+            self.workload = config_workload(model.config)
+        except ValueError as err:
+            raise PlanApplyError(f"model: {err}") from None
+        self.linears = linear_modules(model)
+        self.blocks = model.get_submodule(self.workload.block_prefix)
+        self.prefix = self.workload.block_prefix
         self.cache = cache or CompressionCache(model_fingerprint(model))
         self.progress = progress or (lambda message: log.info("%s", message))
         self._dense: dict[str, torch.Tensor] = {}
@@ -90,64 +94,23 @@ class PlanApplier:
 
     # ------------------------------------------------------------------ plan checks
     def block_of(self, name: str) -> int | None:
-        head = self.prefix + "."
-        return int(name[len(head):].split(".", 1)[0]) if name.startswith(head) else None
+        return self.workload.block_of(name)
 
     def mlgru_names(self, block: int) -> list[str]:
-        return [f"{self.prefix}.{block}.mlgru.{proj}" for proj in COUNTERPART]
+        return [layer.name for layer in self.workload.mlgru_layers(block)]
 
     def effective_layers(self, plan: ModelPlan) -> list[LayerPlan]:
         """Every compressed layer the plan implies, in model order (MLGRU projections included)."""
-        mixers = {bp.index for bp in plan.blocks if bp.mixer == "mlgru"}
-        named = {lp.name for lp in plan.layers}
-        out = []
-        for name in self._model_order(mixers):
-            lp = plan.layer(name)
-            if ".mlgru." in name and name not in named:
-                proj = name.rsplit(".", 1)[-1]
-                base = plan.layer(f"{self.prefix}.{self.block_of(name)}.self_attn.{COUNTERPART[proj]}")
-                lp = LayerPlan(name, base.sparsity, base.fmt, base.prune, base.quant)
-            if not lp.is_identity:
-                out.append(lp)
-        return out
-
-    def _model_order(self, mixers: set[int]) -> list[str]:
-        names = []
-        for name in self.linears:
-            block = self.block_of(name)
-            if block in mixers and ".self_attn." in name:
-                if name.endswith("q_proj"):
-                    names.extend(self.mlgru_names(block))
-                continue
-            names.append(name)
-        return names
+        return [lp for lp in self.workload.effective_plan(plan).values() if not lp.is_identity]
 
     def validate(self, plan: ModelPlan) -> None:
-        """One-line :class:`PlanApplyError` for names, blocks and N:M patterns this model cannot take."""
-        n_blocks = len(self.blocks)
-        mixers = set()
-        for bp in plan.blocks:
-            if not 0 <= bp.index < n_blocks:
-                raise PlanApplyError(f"plan block {bp.index}: index: the model has blocks 0..{n_blocks - 1}")
-            if bp.mixer == "mlgru":
-                if not hasattr(self.blocks[bp.index], "self_attn"):
-                    raise PlanApplyError(f"plan block {bp.index}: mixer: mlgru needs a block with self_attn")
-                mixers.add(bp.index)
-        allowed = set(self.linears) | {n for b in mixers for n in self.mlgru_names(b)}
-        for lp in plan.layers:
-            if lp.name not in allowed:
-                hint = " (an MLGRU projection needs its block's mixer set to mlgru)" if ".mlgru." in lp.name else ""
-                raise PlanApplyError(f"plan layer '{lp.name}': name: not a linear layer of this model{hint}")
-        for lp in self.effective_layers(plan):
-            width = self._in_features(lp.name)
-            if lp.sparsity is not None and width % lp.sparsity.m:
-                raise PlanApplyError(f"plan layer '{lp.name}': sparsity: M={lp.sparsity.m} of {lp.sparsity} does "
-                                     f"not divide the input width {width}")
-
-    def _in_features(self, name: str) -> int:
-        if name in self.linears:
-            return self.linears[name].in_features
-        return self.model.config.hidden_size  # MLGRU projections are hidden -> hidden
+        """One-line :class:`PlanApplyError` for names, blocks and N:M patterns this model cannot take
+        (:func:`dse.arch.check_plan`), naming the layer or block and the field."""
+        try:
+            check_plan(plan, self.workload)
+        except PlanMismatch as err:
+            where = f"plan layer '{err.layer}'" if err.layer else f"plan block {err.block}"
+            raise PlanApplyError(f"{where}: {err.field}: {err.problem}") from None
 
     # ------------------------------------------------------------------ apply / restore
     def apply(self, plan: ModelPlan) -> ApplyReport:
@@ -197,7 +160,7 @@ class PlanApplier:
             mlgru_mod.uninstall(self.model, block)
         with torch.no_grad():
             for name in self._touched - set(keep):
-                self.linears[name].weight.copy_(self._dense[name])
+                weight_of(self.linears[name]).copy_(self._dense[name])
         self._touched &= set(keep)
 
     # ------------------------------------------------------------------ internals
@@ -238,7 +201,7 @@ class PlanApplier:
             context.append(prefixes[self._block_or_end(lp.name)])
         return entry_key(self.cache.fingerprint, lp.name, choice, context)
 
-    def _module(self, name: str) -> torch.nn.Linear:
+    def _module(self, name: str) -> torch.nn.Module:
         return self.linears.get(name) or self.model.get_submodule(name)
 
     def _set(self, lp: LayerPlan, key: str, hessian, report: ApplyReport) -> None:
@@ -256,17 +219,19 @@ class PlanApplier:
             self._untie(module)
             self._dense_weight(lp.name, module)
             self._touched.add(lp.name)
-        module.weight.copy_(packed.dequantize().to(module.weight.dtype))
+        weight = weight_of(module)
+        weight.copy_(packed.dequantize().to(device=weight.device, dtype=weight.dtype))
         if lp.fmt.is_ternary:
             self._hooks.append(module.register_forward_pre_hook(activation_hook))
         report.layers[lp.name] = {"label": lp.label, "method": f"{lp.prune}/{lp.quant}", "source": source,
                                   "seconds": time.perf_counter() - t0}
 
-    def _dense_weight(self, name: str, module: torch.nn.Linear) -> torch.Tensor:
+    def _dense_weight(self, name: str, module: torch.nn.Module) -> torch.Tensor:
+        """The layer's uncompressed weight ``[out, in]`` (kept from the first time the layer is changed)."""
         if name not in self.linears:
-            return module.weight.detach().clone()  # an MLGRU projection: its distilled weight
+            return weight_of(module).detach().clone()  # an MLGRU projection: its distilled weight
         if name not in self._dense:
-            self._dense[name] = module.weight.detach().clone()
+            self._dense[name] = weight_of(module).detach().clone()
         return self._dense[name]
 
     def _untie(self, module: torch.nn.Linear) -> None:
@@ -291,7 +256,8 @@ class PlanApplier:
             t0 = time.perf_counter()
             self.progress(f"calibration: input statistics of {len(self.linears)} layers on {calib.tokens} "
                           "tokens of the dense model (once per model)")
-            extra = {n: self.blocks[b].self_attn for b in range(len(self.blocks)) for n in self.mlgru_names(b)[:3]}
+            attr = self.workload.arch.mixer
+            extra = {n: getattr(self.blocks[b], attr) for b in range(len(self.blocks)) for n in self.mlgru_names(b)[:3]}
             cached = collect_hessians(self.model, calib, self.linears, extra)
             self.cache.save_hessians(calib.key, cached)
             report.calibration_s += time.perf_counter() - t0
@@ -347,7 +313,8 @@ class PlanApplier:
         n = len(self.blocks)
         for b in blocks:
             t0 = time.perf_counter()
-            mixer = mlgru_mod.from_attention(self.blocks[b].self_attn, self.model.config, b, n, seed=s.seed)
+            attention = getattr(self.blocks[b], self.workload.arch.mixer)
+            mixer = mlgru_mod.from_attention(attention, self.model.config, b, n, seed=s.seed)
             name_o = self.mlgru_names(b)[3]
             if cached[b] is None:
                 x, y = io.pop(b)
@@ -356,7 +323,7 @@ class PlanApplier:
                 with torch.inference_mode():
                     for chunk in x.split(4):
                         hooks.reset_sharing()
-                        mixer(chunk)
+                        mixer(chunk.to(mixer.o_proj.weight))  # the model's device and dtype
                 o_hessian = hooks.remove()[name_o]
                 tensors = {f"state.{k}": v.detach().clone() for k, v in mixer.state_dict().items()}
                 self.cache.save_blob("mlgru", keys[b], tensors | {"o_hessian": o_hessian},

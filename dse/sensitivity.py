@@ -22,8 +22,9 @@ from dataclasses import replace
 from itertools import product
 from pathlib import Path
 
+from dse.arch import block_index
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
-from dse.space import Unit, block_index
+from dse.space import Unit
 from dse.spec import StudySpec
 from dse.textio import write_atomic
 from evaluators.compress.cache import entry_key
