@@ -174,12 +174,12 @@ def cmd_evaluate(args) -> int:
     from evaluators.lm import TorchLM
     from evaluators.models import load_model
     from evaluators.tasks import task_manager
-    from hwcost.cli import check_nm_divides, load_plan
+    from hwcost.cli import check_plan_from, load_plan
 
     spec = load_spec(args.spec)
     setup = prepare(spec)
     plan = load_plan(args.plan, setup.workload)
-    check_nm_divides(plan, setup.workload, "--plan")
+    check_plan_from(plan, setup.workload, "--plan")
     model, tokenizer = load_model(spec.model)
     _threads(args.threads)
     applier = PlanApplier(model, tokenizer, spec.compression, progress=_say)

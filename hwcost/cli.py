@@ -33,7 +33,7 @@ from dse.textio import format_table
 from hwcost.accelerator import Accelerator, AcceleratorError
 from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices,
                             load_devices_file, user_devices)
-from dse.arch import BUILTIN_CONFIGS, Workload
+from dse.arch import BUILTIN_CONFIGS, PlanMismatch, Workload, check_plan
 
 USER_ERROR = 2
 WEIGHT_CHOICES = {"fp16": "16", **{f"int{b}": str(b) for b in range(8, 1, -1)}, "ternary": "ternary"}
@@ -236,21 +236,21 @@ def uniform_plan(workload: Workload, args) -> ModelPlan:
     key = str(args.weights).strip().lower()
     if key not in WEIGHT_CHOICES:
         raise HwcostError(f"--weights: '{args.weights}' is not one of {', '.join(WEIGHT_CHOICES)}")
-    group = _int_flag(args.group_size, "--group-size", 1) or 128
+    group = _int_flag(args.group_size, "--group-size", 1)
     try:
         sparsity = Sparsity.parse(args.sparsity)
     except PlanError as err:
         raise HwcostError(f"--sparsity: {err}") from None
     blocks = _mixer_blocks(workload, args.mixer, "--mixer")
-    fmt = WeightFormat(WEIGHT_CHOICES[key], group)
+    fmt = WeightFormat(WEIGHT_CHOICES[key], **({"group_size": group} if group else {}))
     layers = workload.linear_layers(bp.index for bp in blocks)
     return ModelPlan(layers=tuple(LayerPlan(layer.name, sparsity, fmt) for layer in layers
                                   if not (args.keep_lm_head and layer.name == "lm_head")), blocks=blocks)
 
 
 def load_plan(path: str, workload: Workload) -> ModelPlan:
-    """A plan file: ``dse export``'s plan.yaml (top-level ``plan``) or a bare ModelPlan mapping, checked
-    against ``workload`` (layer names, block indices, mixers)."""
+    """A plan file: ``dse export``'s plan.yaml (top-level ``plan``) or a bare ModelPlan mapping; the blocks of
+    a model whose own mixer is an MLGRU are added as such (check it with :func:`check_plan_from`)."""
     data = _read_yaml(path, "--plan")
     if isinstance(data.get("plan"), dict):
         data = data["plan"]
@@ -261,16 +261,6 @@ def load_plan(path: str, workload: Workload) -> ModelPlan:
         plan = plan_from_data(data)
     except PlanError as err:
         raise HwcostError(f"--plan: {err}") from None
-    names = workload.layer_names()
-    for lp in plan.layers:
-        if lp.name not in names:
-            raise HwcostError(f"--plan: layer '{lp.name}' is not in the workload ({workload.num_layers} blocks)")
-    for bp in plan.blocks:
-        if not 0 <= bp.index < workload.num_layers:
-            raise HwcostError(f"--plan: block {bp.index} is not in the workload (blocks 0..{workload.num_layers - 1})")
-        if bp.mixer == "attention" and workload.token_mixer == "mlgru":
-            raise HwcostError(f"--plan: block {bp.index} mixer 'attention': model_type {workload.model_type} has no "
-                              "attention; allowed: mlgru")
     native = workload.native_mlgru_blocks()
     if native:  # the model's own MLGRU blocks are MLGRU whatever the plan says
         given = {bp.index for bp in plan.blocks}
@@ -279,19 +269,19 @@ def load_plan(path: str, workload: Workload) -> ModelPlan:
     return plan
 
 
-def check_nm_divides(plan: ModelPlan, workload: Workload, flag: str) -> None:
-    """Every N:M pattern's M must divide the input width of the layer it applies to (MLGRU projections
-    inherit their attention counterpart's plan)."""
-    named = {lp.name: lp for lp in plan.layers}
-    mlgru = {bp.index for bp in plan.blocks if bp.mixer == "mlgru"}
-    for layer in workload.linear_layers(mlgru):
-        lp = named.get(layer.name)
-        if lp is None and ".mlgru." in layer.name:
-            lp = named.get(workload.mlgru_counterpart(layer.name))
-        if lp is not None and lp.sparsity is not None and layer.in_features % lp.sparsity.m:
-            field = f"layer '{layer.name}' sparsity {lp.sparsity}: " if flag == "--plan" else ""
-            raise HwcostError(f"{flag}: {field}M={lp.sparsity.m} does not divide in_features {layer.in_features} "
-                              f"of {layer.name}")
+def check_plan_from(plan: ModelPlan, workload: Workload, flag: str) -> None:
+    """:func:`dse.arch.check_plan` (layer names, blocks, mixers, M dividing every input width, MLGRU projections
+    inheriting their counterpart's plan included), as one line naming the flag the plan came from."""
+    try:
+        check_plan(plan, workload)
+    except PlanMismatch as err:
+        if err.layer is None:
+            where = f"block {err.block} mixer 'attention': " if err.field == "mixer" else ""
+        elif err.field == "sparsity":
+            where = f"layer '{err.layer}' sparsity {err.sparsity}: " if flag == "--plan" else ""
+        else:
+            where = f"layer '{err.layer}' "
+        raise HwcostError(f"{flag}: {where}{err.problem}") from None
 
 
 # ---------------------------------------------------------------------------- output
@@ -437,7 +427,7 @@ def cmd_estimate(args) -> int:
             plan, flag = uniform_plan(workload, args), "--sparsity"
             source = "uniform " + (f"{args.sparsity} " if args.sparsity and args.sparsity != "dense" else "") \
                 + str(plan.layers[0].fmt if plan.layers else "fp16")
-        check_nm_divides(plan, workload, flag)
+        check_plan_from(plan, workload, flag)
         try:
             report = estimate(plan, workload, accel)
         except ValueError as err:
