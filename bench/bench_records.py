@@ -16,7 +16,8 @@ the driver's ``trial_record`` in the user attributes and ``trial_records`` in th
 Per study: user-attribute JSON bytes per trial (the sum of the stored ``value_json`` of each attribute, as
 Optuna's ``get_trials()`` reads it), record bytes per trial (``dse_trial_records``), and the bytes of
 optuna-dashboard's trials API response (``GET /api/studies/<id>``, what its study page loads and reloads)
-per trial, from a real ``optuna-dashboard`` server on the file.
+per trial, from a real ``optuna-dashboard`` server on the file, with the seconds its first response took
+(it reads every trial from the database then).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def build(url: str, trials: int, seed: int = 0) -> tuple[str, str]:
-    """The ``old`` and ``new`` studies of the module docstring in ``url``; returns their names."""
+    """The ``old`` and ``new`` studies of the module docstring in ``url`` (kept if ``url`` has them already);
+    returns their names."""
+    names = {layout: f"records-{layout}-{trials}" for layout in ("old", "new")}
+    if set(names.values()) <= {s.study_name for s in optuna.get_all_study_summaries(url, include_best_trial=False)}:
+        return names["old"], names["new"]
     import yaml
 
     from dse.records import TrialRecords
@@ -51,9 +56,8 @@ def build(url: str, trials: int, seed: int = 0) -> tuple[str, str]:
     spec = parse_spec({**data, "study": "bench-records", "storage": url, "trials": trials})
     setup = prepare(spec)
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), directions=spec.directions)
-    studies, names = {}, {}
+    studies = {}
     for layout in ("old", "new"):
-        names[layout] = f"records-{layout}-{trials}"
         studies[layout] = optuna.create_study(study_name=names[layout], storage=url, directions=spec.directions)
         studies[layout].set_metric_names([o.name for o in spec.objectives])
         studies[layout].set_user_attr("uid", uuid.uuid4().hex)
@@ -83,14 +87,23 @@ def build(url: str, trials: int, seed: int = 0) -> tuple[str, str]:
 
 
 def stored_bytes(url: str, name: str) -> dict[str, float]:
-    """Trials, user-attribute bytes per trial (all, and ``plan`` + ``hw``) and record bytes per trial."""
+    """Trials, user-attribute bytes per trial (all, and ``plan`` + ``hw``), record bytes per trial, and the
+    seconds of a first read of every trial by Optuna's ``get_trials()`` and by :class:`dse.reader.TrialReader`
+    (the light trials: no parameters)."""
     import sqlalchemy as sa
 
+    from dse.reader import TrialReader
     from dse.records import TABLE, study_key
 
     storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
     study = optuna.load_study(study_name=name, storage=storage)
+    started = time.perf_counter()
     trials = study.get_trials(deepcopy=False)
+    optuna_s = time.perf_counter() - started
+    reader = TrialReader(optuna.storages.RDBStorage(url, skip_table_creation=True), name)
+    started = time.perf_counter()
+    reader.trials()
+    reader_s = time.perf_counter() - started
     per_key: dict[str, int] = {}
     for t in trials:
         for key, value in t.user_attrs.items():
@@ -102,7 +115,8 @@ def stored_bytes(url: str, name: str) -> dict[str, float]:
                                    .where(TABLE.c.study == study_key(study))).scalar()
     n = max(len(trials), 1)
     return {"trials": len(trials), "user_attrs": sum(per_key.values()) / n,
-            "plan_hw_attrs": (per_key.get("plan", 0) + per_key.get("hw", 0)) / n, "records": records / n}
+            "plan_hw_attrs": (per_key.get("plan", 0) + per_key.get("hw", 0)) / n, "records": records / n,
+            "get_trials_s": optuna_s, "reader_s": reader_s}
 
 
 def free_port() -> int:
@@ -138,10 +152,12 @@ class OptunaDashboard:
     def study_ids(self) -> dict[str, int]:
         return {s["study_name"]: s["study_id"] for s in json.loads(self.get("/api/studies"))["study_summaries"]}
 
-    def trials_payload(self, name: str) -> tuple[int, int]:
-        """(bytes of the study's trials API response, trials in it)."""
-        body = self.get(f"/api/studies/{self.study_ids()[name]}")
-        return len(body), len(json.loads(body)["trials"])
+    def trials_payload(self, name: str) -> tuple[int, int, float]:
+        """(bytes of the study's trials API response, trials in it, seconds the first response took)."""
+        study_id = self.study_ids()[name]
+        started = time.perf_counter()
+        body = self.get(f"/api/studies/{study_id}")
+        return len(body), len(json.loads(body)["trials"]), time.perf_counter() - started
 
     def close(self) -> None:
         self.proc.terminate()
@@ -163,25 +179,25 @@ def main() -> None:
     url = f"sqlite:///{db.resolve()}"
     old, new = build(url, args.trials)
     measured = [(url, old, "built, old layout"), (url, new, "built, new layout")]
-    measured += [(u, n, "stored") for u, n in args.study]
+    measured += [(u, n, Path(u.removeprefix("sqlite:///")).name) for u, n in args.study]
     rows = []
     for u, name, what in measured:
         server = OptunaDashboard(u)
         try:
-            payload, listed = server.trials_payload(name)
+            payload, listed, seconds = server.trials_payload(name)
         finally:
             server.close()
         b = stored_bytes(u, name)
         rows.append((f"{name} ({what})", b["trials"], b["user_attrs"], b["plan_hw_attrs"], b["records"],
-                     payload, payload / max(listed, 1)))
+                     payload, payload / max(listed, 1), seconds, b["get_trials_s"], b["reader_s"]))
     width = max(len(r[0]) for r in rows)
     print(f"{'study':<{width}}  trials  attrs B/trial  plan+hw in attrs  records B/trial  "
-          f"optuna-dashboard B  B/trial")
-    for name, n, attrs, big, rec, payload, per in rows:
-        print(f"{name:<{width}}  {n:6d}  {attrs:13.0f}  {big:16.0f}  {rec:15.0f}  {payload:18d}  {per:7.0f}")
-    if len(rows) >= 2:
-        print(f"\nold / new: user attributes {rows[0][2] / rows[1][2]:.0f}x, optuna-dashboard payload "
-              f"{rows[0][6] / rows[1][6]:.0f}x per trial")
+          f"optuna-dashboard B  B/trial  first s  get_trials s  TrialReader s")
+    for name, n, attrs, big, rec, payload, per, seconds, optuna_s, reader_s in rows:
+        print(f"{name:<{width}}  {n:6d}  {attrs:13.0f}  {big:16.0f}  {rec:15.0f}  {payload:18d}  {per:7.0f}  "
+              f"{seconds:7.3f}  {optuna_s:12.3f}  {reader_s:13.3f}")
+    print(f"\nbuilt old / new: user attributes {rows[0][2] / rows[1][2]:.0f}x, optuna-dashboard payload "
+          f"{rows[0][6] / rows[1][6]:.2f}x per trial, its first response {rows[0][7] / rows[1][7]:.1f}x")
 
 
 if __name__ == "__main__":

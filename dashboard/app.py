@@ -28,7 +28,7 @@ import streamlit as st
 
 from dashboard import charts, data
 from dse.reader import StorageError, TrialReader, existing_storage, study_overviews
-from dse.records import TrialRecords, study_key
+from dse.records import TrialRecords
 
 REFRESH_S = 5
 VIEWS = ("Studies", "Study", "Trial", "Compare")
@@ -55,7 +55,7 @@ def reader_for(url: str, name: str, study_id: int) -> TrialReader:
 
 
 def load(url: str, name: str) -> tuple[optuna.Study, list, pd.DataFrame]:
-    """The study, its trials and their table."""
+    """The study, its light trials and their table."""
     reader = reader_for(url, name, open_storage(url).get_study_id_from_name(name))
     trials = reader.trials()
     return reader.study, trials, data.trials_frame(reader.study, trials)
@@ -63,7 +63,7 @@ def load(url: str, name: str) -> tuple[optuna.Study, list, pd.DataFrame]:
 
 def records_of(url: str, study: optuna.Study) -> TrialRecords:
     """The study's plans and per-layer reports (:mod:`dse.records`)."""
-    return TrialRecords(open_storage(url).engine, study_key(study))
+    return TrialRecords.of(study, open_storage(url))
 
 
 def _param(key: str, default=None):

@@ -14,7 +14,8 @@ The driver writes a trial's records before it tells the trial, so a finished tri
 record; the trial's user attributes keep the scalars (``hw_metrics``, ``plan_hash``, ``plan_summary``,
 constraints, evaluation, timings, worker, fidelity). Studies written before this table existed hold ``plan``
 and ``hw`` in their user attributes; :meth:`TrialRecords.plan` and :meth:`TrialRecords.report` read those
-first, so such studies export and show as before. Readers (the dashboard, ``dse export``) create nothing.
+(from the trial given, else from Optuna's storage: the dashboard's light trials leave them out), so such
+studies export and show as before. Readers (the dashboard, ``dse export``) create nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def study_key(study: optuna.Study) -> str:
 class TrialRecords:
     """The records of one study in the database behind ``engine`` (module docstring). Thread-safe."""
 
-    def __init__(self, engine: sa.Engine, study: str, create: bool = False):
+    def __init__(self, engine: sa.Engine, study: str, create: bool = False,
+                 storage: optuna.storages.RDBStorage | None = None, study_name: str | None = None):
+        """``study``: the key (:func:`study_key`); ``storage`` and ``study_name``: where an old study's trials
+        keep their plan and report as user attributes (:meth:`plan`)."""
         self.engine, self.study = engine, study
+        self.storage, self.study_name = storage, study_name
         self._table = False
         self._lock = threading.Lock()
         if create:
@@ -64,7 +69,7 @@ class TrialRecords:
             from dse.optuna_private import study_storage
 
             storage = study_storage(study)
-        return cls(storage.engine, study_key(study))
+        return cls(storage.engine, study_key(study), storage=storage, study_name=study.study_name)
 
     def put(self, number: int, **records: Any) -> None:
         """Store trial ``number``'s records, e.g. ``put(3, plan=plan.to_dict(), hw=report.to_dict())``."""
@@ -83,14 +88,28 @@ class TrialRecords:
         return None if text is None else json.loads(text)
 
     def plan(self, trial: optuna.trial.FrozenTrial) -> dict | None:
-        """The trial's plan (:meth:`dse.plan.ModelPlan.to_dict`): from the user attributes of a study written
-        before this table, else its record; None if it has neither."""
-        return trial.user_attrs.get("plan") or self.get(trial.number, "plan")
+        """The trial's plan (:meth:`dse.plan.ModelPlan.to_dict`): its record, or the user attribute of a
+        study written before this table (in ``trial``, else in the storage); None if it has neither."""
+        return self._find(trial, "plan")
 
     def report(self, trial: optuna.trial.FrozenTrial) -> dict | None:
         """The trial's hardware report (:meth:`hwcost.HwReport.to_dict`, per-layer rows included), as
         :meth:`plan` finds it."""
-        return trial.user_attrs.get("hw") or self.get(trial.number, "hw")
+        return self._find(trial, "hw")
+
+    def _find(self, trial: optuna.trial.FrozenTrial, kind: str):
+        return trial.user_attrs.get(kind) or self.get(trial.number, kind) or self._stored_attr(trial.number, kind)
+
+    def _stored_attr(self, number: int, key: str):
+        """User attribute ``key`` of trial ``number`` in Optuna's storage (one trial read), or None."""
+        if self.storage is None or self.study_name is None:
+            return None
+        try:
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        except KeyError:
+            return None
+        return self.storage.get_trial(trial_id).user_attrs.get(key)
 
     def _has_table(self) -> bool:
         """Whether the table exists; asked again until it does (a driver may create it later)."""
