@@ -603,73 +603,45 @@ def _sliding(c: dict, model_type: str, layers: int) -> dict:
             "sliding_blocks": tuple(blocks)} if blocks else {}
 
 
-def _llama(c: dict, model_type: str) -> Workload:
-    hidden = _int(c, "hidden_size")
-    heads = _int(c, "num_attention_heads")
-    layers = _int(c, "num_hidden_layers")
-    bias = bool(c.get("attention_bias", False))
+def _decoder(c: dict, model_type: str, family: str, *, head_dim: int | None, tied: bool, **fields) -> Workload:
+    """The fields Llama-style configs (Llama, Mistral, Qwen, Gemma, Phi-3) name alike; ``head_dim`` and ``tied``:
+    the config class's defaults when the file omits them (``None``: hidden / heads)."""
+    hidden, heads, layers = _int(c, "hidden_size"), _int(c, "num_attention_heads"), _int(c, "num_hidden_layers")
     return Workload(
-        family="llama",
+        family=family,
         num_layers=layers,
         hidden=hidden,
         heads=heads,
         kv_heads=_int(c, "num_key_value_heads", default=heads),
-        # Qwen3's config class defaults head_dim to 128 (heads*head_dim may differ from hidden)
-        head_dim=_int(c, "head_dim", default=128 if model_type == "qwen3" else hidden // heads),
+        head_dim=_int(c, "head_dim", default=head_dim or hidden // heads),
         intermediate=_int(c, "intermediate_size"),
         vocab=_int(c, "vocab_size"),
-        # Llama/Mistral/Qwen configs default to untied embeddings
-        tied_embeddings=_bool(c, "tie_word_embeddings", False),
-        # Llama, Qwen3: attention_bias on q, k, v and o; Qwen2: always on q, k, v, never on o; Mistral: none
-        qkv_bias=model_type == "qwen2" or bias,
-        o_bias=model_type in ("llama", "qwen3") and bias,
-        mlp_bias=bool(c.get("mlp_bias", False)),
+        tied_embeddings=_bool(c, "tie_word_embeddings", tied),
         model_type=model_type,
-        qk_norm=model_type == "qwen3",
         **_sliding(c, model_type, layers),
+        **fields,
     )
+
+
+def _llama(c: dict, model_type: str) -> Workload:
+    bias = bool(c.get("attention_bias", False))
+    # Qwen3's config class defaults head_dim to 128 (heads*head_dim may differ from hidden); all default to untied.
+    # Llama, Qwen3: attention_bias on q, k, v and o; Qwen2: always on q, k, v, never on o; Mistral: none
+    return _decoder(c, model_type, "llama", head_dim=128 if model_type == "qwen3" else None, tied=False,
+                    qkv_bias=model_type == "qwen2" or bias, o_bias=model_type in ("llama", "qwen3") and bias,
+                    mlp_bias=bool(c.get("mlp_bias", False)), qk_norm=model_type == "qwen3")
 
 
 def _gemma(c: dict, model_type: str) -> Workload:
-    heads = _int(c, "num_attention_heads")
-    layers = _int(c, "num_hidden_layers")
     bias = bool(c.get("attention_bias", False))  # Gemma 1-3: attention_bias on q, k, v and o
-    return Workload(
-        family="gemma",
-        num_layers=layers,
-        hidden=_int(c, "hidden_size"),
-        heads=heads,
-        kv_heads=_int(c, "num_key_value_heads", default=heads),
-        head_dim=_int(c, "head_dim", default=256),  # the Gemma configs' default; heads*head_dim may differ from hidden
-        intermediate=_int(c, "intermediate_size"),
-        vocab=_int(c, "vocab_size"),
-        tied_embeddings=_bool(c, "tie_word_embeddings", True),
-        qkv_bias=bias,
-        o_bias=bias,
-        model_type=model_type,
-        norms_per_block=2 if model_type == "gemma" else 4,  # Gemma 2/3 add pre/post feed-forward norms
-        qk_norm=model_type == "gemma3_text",
-        **_sliding(c, model_type, layers),
-    )
+    # head_dim 256 is the Gemma configs' default (heads*head_dim may differ from hidden); Gemma 2/3 add
+    # pre/post feed-forward norms, Gemma 3 q/k norms
+    return _decoder(c, model_type, "gemma", head_dim=256, tied=True, qkv_bias=bias, o_bias=bias,
+                    norms_per_block=2 if model_type == "gemma" else 4, qk_norm=model_type == "gemma3_text")
 
 
 def _phi3(c: dict, model_type: str) -> Workload:
-    hidden = _int(c, "hidden_size")
-    heads = _int(c, "num_attention_heads")
-    layers = _int(c, "num_hidden_layers")
-    return Workload(
-        family="phi3",
-        num_layers=layers,
-        hidden=hidden,
-        heads=heads,
-        kv_heads=_int(c, "num_key_value_heads", default=heads),
-        head_dim=_int(c, "head_dim", default=hidden // heads),
-        intermediate=_int(c, "intermediate_size"),
-        vocab=_int(c, "vocab_size"),
-        tied_embeddings=_bool(c, "tie_word_embeddings", False),
-        model_type=model_type,
-        **_sliding(c, model_type, layers),
-    )
+    return _decoder(c, model_type, "phi3", head_dim=None, tied=False)
 
 
 def _gpt2(c: dict, model_type: str) -> Workload:
