@@ -480,12 +480,6 @@ class Workload:
         """K and V cache bytes one token adds in one attention block: 2*kv_heads*head_dim*bytes (0 for hgrn_bit)."""
         return 2 * self.kv_heads * self.head_dim * bytes_per_value if self.has_kv_cache else 0
 
-    def attended_tokens(self, block: int, context: int) -> int:
-        """Tokens block ``block``'s attention reads at a context of ``context`` tokens (the window, if sliding)."""
-        if self.sliding_window and block in self.sliding_blocks:
-            return min(context, self.sliding_window)
-        return context
-
 
 # ----------------------------------------------------------------------------- the one plan check
 def check_plan(plan: ModelPlan, workload: Workload) -> None:
