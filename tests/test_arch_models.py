@@ -159,3 +159,20 @@ def test_bfloat16_model_applies_a_plan(tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16 and torch.isfinite(logits(model, x)).all()
     applier.restore()
     assert torch.equal(logits(model, x), dense)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma3", "phi3", "opt"])
+def test_checkpoint_round_trip_on_other_families(name, tmp_path):
+    """The packed checkpoint of a plan with an MLGRU block reloads to the evaluated model's logits (GPT-2's
+    Conv1D layers, Gemma-3's heads x head_dim != hidden, Phi-3's fused projections, OPT's out_proj)."""
+    from evaluators.checkpoint import load_checkpoint, save_applied
+
+    model, workload = build(name)
+    applier = PlanApplier(model, settings=CompressionSpec(distill_steps=3),
+                          cache=CompressionCache("ckpt-" + name, tmp_path / "cache"),
+                          calibration=CalibrationSet(ids(4, 16, seed=2)))
+    save_applied(applier, plan_for(workload), tmp_path / "ckpt")
+    x = ids()
+    reloaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert M.installed_blocks(reloaded) == [1]
+    torch.testing.assert_close(logits(reloaded, x), logits(model, x), rtol=0, atol=1e-5)
