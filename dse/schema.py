@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import ConfigDict, PlainValidator, TypeAdapter, ValidationError, model_validator
+from pydantic import ConfigDict, PlainValidator, ValidationError, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from dse.errors import UserError
@@ -98,10 +98,6 @@ Flag = _typed(_flag, bool)
 
 
 # --------------------------------------------------------------------------- schemas
-def _field_names(cls) -> list[str]:
-    return list(cls.__dataclass_fields__)
-
-
 def unknown_key(key: Any, allowed: list[str], noun: str = "unknown field") -> str:
     """``unknown field; allowed: a, b; did you mean 'b'?`` (the hint when a name is close to ``key``)."""
     close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
@@ -116,7 +112,7 @@ def _before(cls, data: Any) -> Any:
         return data
     if isinstance(data, str) and getattr(cls, "__schema_shorthand__", None):
         data = {cls.__schema_shorthand__: data}
-    names = _field_names(cls)
+    names = list(cls.__dataclass_fields__)
     if not isinstance(data, dict):
         raise Problem(f"expected a mapping with fields {', '.join(names)}; got {type(data).__name__}")
     for key in data:
@@ -153,14 +149,9 @@ def parse(cls, data: Any, prefix: str | None = None):
     """Validate ``data`` (as read from YAML) into the schema ``cls``; its error class on the first problem."""
     error, default_prefix = cls.__schema_error__
     try:
-        return _adapter(cls).validate_python(data)
+        return cls.__pydantic_validator__.validate_python(data)
     except ValidationError as err:
         raise error(*explain(err, default_prefix if prefix is None else prefix)) from None
-
-
-@functools.lru_cache(maxsize=None)
-def _adapter(cls) -> TypeAdapter:
-    return TypeAdapter(cls)
 
 
 # --------------------------------------------------------------------------- the formatter
@@ -231,11 +222,11 @@ class _Loader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key] + 1)
+                seen[key] = key_node.start_mark.line
             except TypeError:  # an unhashable key: SafeLoader reports it
                 break
-            if first != key_node.start_mark.line:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1, first + 1)
         return super().construct_mapping(node, deep)
 
 
@@ -261,41 +252,32 @@ def read_yaml(path: str | Path, error: type[SchemaError] = SchemaError, noun: st
 
 
 # --------------------------------------------------------------------------- plan files
-PLAN_KEYS = list(ModelPlan().to_dict())
-LAYER_KEYS = list(LayerPlan("x").to_dict())
-BLOCK_KEYS = list(BlockPlan(0).to_dict())
+PLAN_ITEMS = {"layers": LayerPlan("x"), "blocks": BlockPlan(0)}
+"""The lists of a plan mapping and an instance of their items (whose ``to_dict`` keys a file may give)."""
 
 
 def plan_from_data(data: dict) -> ModelPlan:
     """A plan mapping (``ModelPlan.to_dict``'s form, fields optional as ``from_dict`` reads them) checked key by
     key; :class:`PlanError` ``'<path>: <problem>'`` names the first unknown key or bad value."""
-    def keys(item: Any, allowed: list[str], path: str, what: str) -> None:
+    def keys(item: Any, allowed: list[str], path: str) -> None:
         if not isinstance(item, dict):
-            raise PlanError(f"{path}: expected a mapping with {what}")
+            raise PlanError(f"{path}: expected a mapping with {', '.join(allowed)}")
         for key in item:
             if key not in allowed:
-                raise PlanError(f"{path}.{key}: {unknown_key(key, allowed)}")
+                raise PlanError(f"{path + '.' if path else ''}{key}: {unknown_key(key, allowed)}")
 
-    keys(data, PLAN_KEYS, "plan", "version, layers, blocks")
-    for key in ("layers", "blocks"):
+    keys(data, list(ModelPlan().to_dict()), "")
+    for key, sample in PLAN_ITEMS.items():
         if not isinstance(data.get(key) or [], list):
             raise PlanError(f"{key}: expected a list")
-    layers = data.get("layers") or []
-    for i, item in enumerate(layers):
-        keys(item, LAYER_KEYS, f"layers[{i}]", "name, sparsity, format, group_size")
-        if "name" not in item:
-            raise PlanError(f"layers[{i}].name: is required")
-        try:
-            LayerPlan.from_dict(item)
-        except PlanError as err:
-            raise PlanError(f"layers[{i}] ({item['name']}): {err}{nm_hint(item.get('sparsity'))}") from None
-    blocks = data.get("blocks") or []
-    for i, item in enumerate(blocks):
-        keys(item, BLOCK_KEYS, f"blocks[{i}]", "index, mixer")
-        try:
-            BlockPlan.from_dict(item)
-        except KeyError as err:
-            raise PlanError(f"blocks[{i}].{err.args[0]}: is required") from None
-        except (TypeError, ValueError) as err:
-            raise PlanError(f"blocks[{i}]: {err}") from None
-    return ModelPlan.from_dict({**data, "layers": layers, "blocks": blocks})
+        allowed = list(sample.to_dict())
+        for i, item in enumerate(data.get(key) or []):
+            keys(item, allowed, f"{key}[{i}]")
+            if allowed[0] not in item:
+                raise PlanError(f"{key}[{i}].{allowed[0]}: is required")
+            try:
+                type(sample).from_dict(item)
+            except (TypeError, ValueError) as err:
+                name = f" ({item['name']})" if key == "layers" else ""
+                raise PlanError(f"{key}[{i}]{name}: {err}{nm_hint(item.get('sparsity'))}") from None
+    return ModelPlan.from_dict({**data, **{key: data.get(key) or [] for key in PLAN_ITEMS}})

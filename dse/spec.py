@@ -17,13 +17,9 @@ from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from dse.plan import FORMAT_NAMES, PRUNE_METHODS, QUANT_METHODS, PlanError, Sparsity, WeightFormat
 from dse.schema import Flag, Int, Number, Problem, SchemaError, Text, check_text, parse, read_yaml, schema
-from evaluators.settings import CompressionSpec, ProxySpec
+from evaluators.settings import CompressionSpec, ProxySpec  # noqa: F401 (the spec's sections, imported from here)
 from hwcost.accelerator import Accelerator
 from hwcost.model import METRICS
-
-__all__ = ["ACCURACY", "PROXY_KL", "MODEL_OBJECTIVES", "SpecError", "TaskSpec", "LayerGroup", "SpaceSpec",
-           "Objective", "Constraint", "SamplerSpec", "CompressionSpec", "ProxySpec", "PromotionSpec",
-           "WarmStartSpec", "StudySpec", "parse_spec", "load_spec"]
 
 ACCURACY = "accuracy"
 """Objective name for the mean of the tasks' chosen metrics (each in [0, 1]): the full lm-eval fidelity."""
@@ -56,6 +52,14 @@ def _distinct(values: tuple, message: str, *at) -> None:
         raise Problem(message, *at)
 
 
+def _unique_names(items: tuple, message: str, *at) -> None:
+    """Problem ``message`` (formatted with the name) at ``<at>[i].name`` of the first name used again."""
+    names = [item.name for item in items]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise Problem(message.format(name), *at, i, "name")
+
+
 def _sparsity(value: Any) -> Sparsity | None:
     return value if isinstance(value, Sparsity) else Sparsity.parse(str(value))
 
@@ -65,10 +69,6 @@ def _format(value: Any) -> WeightFormat:
         return value if isinstance(value, WeightFormat) else WeightFormat.parse(value)
     except PlanError:
         raise ValueError(f"{value!r} is not one of {', '.join(FORMAT_NAMES)}") from None
-
-
-def _one_or_more(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
 
 
 Regex = Annotated[str, PlainValidator(lambda v: _regex(check_text(v)))]
@@ -110,7 +110,7 @@ class LayerGroup:
     #: integer grid centred on zero; false adds a zero point per group (None: WeightFormat's default)
     symmetric: Flag | None = None
 
-    _methods = field_validator("prune", "quant", mode="before")(_one_or_more)
+    _methods = field_validator("prune", "quant", mode="before")(lambda v: [v] if isinstance(v, str) else v)
 
     @model_validator(mode="after")
     def _choices(self):
@@ -158,10 +158,7 @@ class SpaceSpec:
 
     @model_validator(mode="after")
     def _names(self):
-        names = [g.name for g in self.groups]
-        for i, name in enumerate(names):
-            if names.index(name) != i:
-                raise Problem(f"'{name}' is used by another group", "groups", i, "name")
+        _unique_names(self.groups, "'{}' is used by another group", "groups")
         _distinct(self.mlgru_blocks, "lists a block twice", "mlgru_blocks")
         return self
 
@@ -336,10 +333,7 @@ class StudySpec:
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, tasks):
-        names = [t.name for t in tasks]
-        for i, name in enumerate(names):
-            if names.index(name) != i:
-                raise Problem(f"'{name}' is listed twice", i, "name")
+        _unique_names(tasks, "'{}' is listed twice")
         return tasks
 
     @field_validator("objectives")

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except HwcostError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 from pydantic import PlainValidator, field_validator, model_validator
@@ -44,13 +44,23 @@ def constants() -> dict:
     return load_data_yaml("constants.yaml")
 
 
-@dataclass(frozen=True)
-class MemorySystem:
-    """One off-chip memory of a board: ``kind`` (hbm2|ddr4), peak ``gbps`` (GB/s), capacity ``gb`` (GiB)."""
+MEMORY_KINDS = ("hbm2", "ddr4")
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-    kind: str
-    gbps: float
-    gb: float
+
+class DeviceFileError(SchemaError):
+    """An invalid field in a devices file: ``'<field path>: <problem and what is allowed>'``."""
+
+
+@schema(DeviceFileError)
+class MemorySystem:
+    """One off-chip memory of a board (in a devices file: ``memories: {<kind>: {gbps, gb}}``)."""
+
+    kind: Literal[MEMORY_KINDS]
+    #: peak bandwidth, GB/s (1e9 bytes/s)
+    gbps: Number(0, open_lo=True)
+    #: capacity, GiB (2**30 bytes)
+    gb: Number(0, open_lo=True)
 
     @property
     def bytes_per_s(self) -> float:
@@ -63,32 +73,89 @@ class MemorySystem:
         return int(self.gb * 2**30)
 
 
-@dataclass(frozen=True)
+def dsp_kinds() -> list[str]:
+    """DSP kinds the model has constants for (``constants.yaml`` macs_per_dsp and lane_lut)."""
+    c = constants()
+    return [kind for kind in c["macs_per_dsp"] if kind in c.get("lane_lut", {})]
+
+
+def _dsp_kind(value: Any) -> str:
+    if value not in dsp_kinds():
+        raise ValueError(f"{value!r} is not one of {', '.join(dsp_kinds())}")
+    return value
+
+
+def _mapping_of(what: str):
+    def check(value: Any) -> Any:
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"expected a mapping of {what}; got {type(value).__name__}")
+        return value
+    return check
+
+
+@schema(DeviceFileError, kw_only=True)
 class Device:
-    """An FPGA board from the catalog.
+    """An FPGA board: the catalog's entries (``data/devices.yaml``) and those of a user devices file."""
 
-    ``lut`` is in LUT6-equivalents (Intel ALMs times ``lut_equiv_per_alm``);
-    ``bram_blocks`` of ``bram_block_kbits`` Kib each; ``uram`` 288 Kib blocks;
-    ``static_w`` in W; ``shell_overhead`` is the fraction of every fabric
-    resource taken by the vendor shell.
-    """
-
-    name: str
-    vendor: str
-    part: str
-    lut: int
-    ff: int
-    dsp: int
-    dsp_kind: str
-    bram_blocks: int
-    bram_block_kbits: int
-    uram: int
+    vendor: Text = "user"
+    part: Text = "unspecified"
+    #: LUT6-equivalents (Intel: alm x lut_equiv_per_alm)
+    lut: Int(1) | None = None
+    #: Intel adaptive logic modules (0: an AMD part, give lut)
+    alm: Int(0) = 0
+    #: LUT6-equivalents per ALM (e.g. 2)
+    lut_equiv_per_alm: Number(0, open_lo=True) | None = None
+    ff: Int(0)
+    dsp: Int(0)
+    #: DSP block kind the constants know (constants.yaml macs_per_dsp)
+    dsp_kind: Annotated[str, PlainValidator(_dsp_kind)]
+    #: block RAMs of bram_block_kbits Kib each
+    bram_blocks: Int(0)
+    #: Kib per block RAM: 36 for AMD BRAM36, 20 for Intel M20K
+    bram_block_kbits: Int(1)
+    #: UltraRAM blocks of 288 Kib
+    uram: Int(0) = 0
+    #: off-chip memories (in a file: kind -> {gbps, gb})
     memories: tuple[MemorySystem, ...]
-    default_memory: str
-    static_w: float
-    shell_overhead: float
-    source: str
-    alm: int = 0
+    #: the memory used by default (default: the first listed)
+    default_memory: str = ""
+    #: W drawn while idle
+    static_w: Number(0)
+    #: fraction of every fabric resource taken by the vendor shell
+    shell_overhead: Number(0, 1, open_hi=True) = 0.0
+    #: where the figures come from
+    source: Text = ""
+    #: catalog name (in a file: the key)
+    name: str = ""
+
+    @field_validator("memories", mode="before")
+    @classmethod
+    def _memories(cls, value):
+        if isinstance(value, tuple):
+            return value
+        _mapping_of(f"memory kind ({', '.join(MEMORY_KINDS)}) -> {{gbps, gb}}")(value)
+        for kind in value:
+            if kind not in MEMORY_KINDS:
+                raise Problem(f"unknown memory kind; allowed: {', '.join(MEMORY_KINDS)}", kind)
+        return tuple(parse(MemorySystem, {"kind": kind, **m} if isinstance(m, dict) else m, prefix=kind)
+                     for kind, m in value.items())
+
+    @model_validator(mode="after")
+    def _logic_and_memory(self):
+        if self.alm:
+            if self.lut_equiv_per_alm is None:
+                raise Problem("is required with alm (LUT6-equivalents per ALM, e.g. 2)", "lut_equiv_per_alm")
+            lut = int(round(self.alm * self.lut_equiv_per_alm))
+            if self.lut not in (None, lut):
+                raise Problem("give either lut (AMD LUT6) or alm with lut_equiv_per_alm (Intel), not both", "alm")
+            object.__setattr__(self, "lut", lut)
+        elif self.lut is None:
+            raise Problem("is required (or alm with lut_equiv_per_alm)", "lut")
+        kinds = [m.kind for m in self.memories]
+        if self.default_memory and self.default_memory not in kinds:
+            raise Problem(f"{self.default_memory!r} is not one of {', '.join(kinds)}", "default_memory")
+        object.__setattr__(self, "default_memory", self.default_memory or kinds[0])
+        return self
 
     @property
     def bram_bits(self) -> int:
@@ -175,126 +242,25 @@ def user_devices(devices: dict[str, Device]) -> Iterator[dict[str, Device]]:
 
 
 # ---------------------------------------------------------------------------- device files
-MEMORY_KINDS = ("hbm2", "ddr4")
-DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class DeviceFileError(SchemaError):
-    """An invalid field in a user devices file: ``'<field path>: <problem and what is allowed>'``."""
-
-
-def dsp_kinds() -> list[str]:
-    """DSP kinds the model has constants for (``constants.yaml`` macs_per_dsp and lane_lut)."""
-    c = constants()
-    return [kind for kind in c["macs_per_dsp"] if kind in c.get("lane_lut", {})]
-
-
-def _dsp_kind(value: Any) -> str:
-    if value not in dsp_kinds():
-        raise ValueError(f"{value!r} is not one of {', '.join(dsp_kinds())}")
-    return value
-
-
 def _device_name(name: Any) -> str:
     if not isinstance(name, str) or not DEVICE_NAME_RE.match(name):
         raise ValueError("the device name must be 1-64 letters, digits, '_', '.', '-'")
     return name
 
 
-def _mapping_of(what: str):
-    def check(value: Any) -> Any:
-        if not isinstance(value, dict) or not value:
-            raise ValueError(f"expected a mapping of {what}; got {type(value).__name__}")
-        return value
-    return check
-
-
-@schema(DeviceFileError)
-class MemoryFields:
-    """One off-chip memory of a board in a devices file."""
-
-    #: peak bandwidth, GB/s (1e9 bytes/s)
-    gbps: Number(0, open_lo=True)
-    #: capacity, GiB (2**30 bytes)
-    gb: Number(0, open_lo=True)
-
-
-@schema(DeviceFileError, kw_only=True)
-class DeviceFields:
-    """One board of a devices file (the catalog's fields; units as in ``data/devices.yaml``)."""
-
-    vendor: Text = "user"
-    part: Text = "unspecified"
-    #: LUT6 count (AMD); or give alm with lut_equiv_per_alm (Intel)
-    lut: Int(1) | None = None
-    #: Intel adaptive logic modules
-    alm: Int(1) | None = None
-    #: LUT6-equivalents per ALM (e.g. 2)
-    lut_equiv_per_alm: Number(0, open_lo=True) | None = None
-    ff: Int(0)
-    dsp: Int(0)
-    #: DSP block kind the constants know (constants.yaml macs_per_dsp)
-    dsp_kind: Annotated[str, PlainValidator(_dsp_kind)]
-    #: block RAMs of bram_block_kbits Kib each
-    bram_blocks: Int(0)
-    #: Kib per block RAM: 36 for AMD BRAM36, 20 for Intel M20K
-    bram_block_kbits: Int(1)
-    #: UltraRAM blocks of 288 Kib
-    uram: Int(0) = 0
-    #: memory kind (hbm2, ddr4) -> its gbps and gb
-    memories: dict[str, MemoryFields]
-    #: the memory used by default (default: the first listed)
-    default_memory: str | None = None
-    #: W drawn while idle
-    static_w: Number(0)
-    #: fraction of every fabric resource taken by the vendor shell
-    shell_overhead: Number(0, 1, open_hi=True) = 0.0
-    #: where the figures come from
-    source: Text | None = None
-
-    @field_validator("memories", mode="before")
-    @classmethod
-    def _kinds(cls, value):
-        _mapping_of(f"memory kind ({', '.join(MEMORY_KINDS)}) -> {{gbps, gb}}")(value)
-        for kind in value:
-            if kind not in MEMORY_KINDS:
-                raise Problem(f"unknown memory kind; allowed: {', '.join(MEMORY_KINDS)}", kind)
-        return value
-
-    @model_validator(mode="after")
-    def _logic_and_memory(self):
-        if self.lut is not None and self.alm is not None:
-            raise Problem("give either lut (AMD LUT6) or alm with lut_equiv_per_alm (Intel), not both", "alm")
-        if self.lut is None and self.alm is None:
-            raise Problem("is required (or alm with lut_equiv_per_alm)", "lut")
-        if self.alm is not None and self.lut_equiv_per_alm is None:
-            raise Problem("is required with alm (LUT6-equivalents per ALM, e.g. 2)", "lut_equiv_per_alm")
-        if self.default_memory is not None and self.default_memory not in self.memories:
-            raise Problem(f"{self.default_memory!r} is not one of {', '.join(self.memories)}", "default_memory")
-        return self
-
-    def device(self, name: str, source: str) -> Device:
-        lut = self.lut if self.lut is not None else int(round(self.alm * self.lut_equiv_per_alm))
-        memories = tuple(MemorySystem(kind, m.gbps, m.gb) for kind, m in self.memories.items())
-        return Device(name=name, vendor=self.vendor, part=self.part, lut=lut, ff=self.ff, dsp=self.dsp,
-                      dsp_kind=self.dsp_kind, bram_blocks=self.bram_blocks, bram_block_kbits=self.bram_block_kbits,
-                      uram=self.uram, memories=memories, default_memory=self.default_memory or memories[0].kind,
-                      static_w=self.static_w, shell_overhead=self.shell_overhead, source=self.source or source,
-                      alm=self.alm or 0)
-
-
 @schema(DeviceFileError)
 class DevicesFile:
     """A devices file: ``devices: {<name>: {<fields>}}``."""
 
-    devices: dict[Annotated[str, PlainValidator(_device_name)], DeviceFields]
+    devices: dict[Annotated[str, PlainValidator(_device_name)], Device]
 
     _devices = field_validator("devices", mode="before")(_mapping_of("device name -> fields"))
 
 
 def parse_devices(data: Any, source: str = "user file") -> dict[str, Device]:
     """Validate ``{'devices': {name: fields}}`` (as loaded from YAML) into name -> :class:`Device`."""
-    return {name: d.device(name, source) for name, d in parse(DevicesFile, data).devices.items()}
+    return {name: replace(d, name=name, source=d.source or source)
+            for name, d in parse(DevicesFile, data).devices.items()}
 
 
 def load_devices_file(path: str | Path) -> dict[str, Device]:
