@@ -13,14 +13,20 @@ relative tolerance. Every value there is marked published, assumption or fitted.
 Predictions per metric:
 
 * ``decode_tokens_per_s``, ``power_w``, ``j_per_token``: the :class:`~hwcost.model.HwReport` fields.
-* ``hbm_bandwidth_utilisation``: off-chip bytes moved per token * tokens/s / peak bytes/s.
+* ``hbm_bandwidth_utilisation``, ``model_bandwidth_utilisation``: off-chip bytes moved per token (weights,
+  KV cache) * tokens/s / peak bytes/s.
 * ``fraction_of_bandwidth_bound``: tokens/s divided by the pure weight-streaming bound at peak
   bandwidth, peak bytes/s / streamed weight bytes per token (linear layers and lm_head).
 * ``weight_storage_reduction_vs_fp16``: 16 bits / value bits per weight of the design's format stored
   densely (:func:`hwcost.kernels.storage_bits` ``values``, scales excluded), over the real layers.
 * ``nm_2of4_int4_bits_per_weight``: (values + N*ceil(log2 M) index bits) / weights of the design's
   N:M format, scales excluded, over the real layers.
-* GPU measurements (``matmul_speedup_4096``, ``llama7b_throughput_per_token``): not modelled; no prediction.
+* GPU measurements (``matmul_speedup_4096``, ``end_to_end_latency_speedup``, ``llama7b_throughput_per_token``):
+  not modelled; no prediction.
+* A design calibration.yaml marks ``not_modelled: <reason>`` (a board outside the device catalog, a model
+  whose shape is not published) and a figure listed under ``not_modelled_metrics: {metric: reason}``: printed
+  with the reason (``not modelled: ...``), no prediction. A reported figure may be text (a qualitative
+  comparison); it is printed as ``(text)`` and never predicted.
 
 ``residual = predicted / reported - 1``; a row with a tolerance passes when ``|residual| <= tolerance``.
 
@@ -51,6 +57,8 @@ from dse.arch import Workload
 PUBLISHED_FILE = "published_fpga.yaml"
 CALIBRATION_FILE = "calibration.yaml"
 GPU_NOTE = "not modelled (GPU measurement)"
+NOT_MODELLED = "not modelled: "
+"""Prefix of the note of a figure the model cannot represent (followed by the reason from calibration.yaml)."""
 FITTED_KEYS = ("mem_efficiency.hbm2", "fpga_overhead")
 """The constants.yaml entries :func:`fit` recomputes (dotted paths)."""
 
@@ -65,7 +73,7 @@ class CalibrationRow:
 
     design: str
     metric: str
-    reported: float
+    reported: float | str
     predicted: float | None
     residual: float | None
     tolerance: float | None
@@ -78,12 +86,13 @@ class CalibrationRow:
 
 @dataclass(frozen=True)
 class Design:
-    """One design as calibration.yaml reproduces it (``accel`` None for a storage-only design)."""
+    """One design as calibration.yaml reproduces it (``accel`` None for a storage-only or not modelled design,
+    ``workload`` None for a not modelled design whose model shape is not published)."""
 
     id: str
     published: dict
     spec: dict
-    workload: Workload
+    workload: Workload | None
     plan: ModelPlan | None
     accel: Accelerator | None
 
@@ -213,8 +222,14 @@ def build_design(design_id: str) -> Design:
     if design_id not in specs:
         raise ValueError(f"{CALIBRATION_FILE} has no entry for design '{design_id}'")
     pub, spec = pubs[design_id], specs[design_id]
-    workload = Workload.from_hf_config(dict(spec["workload"]))
-    _check_workload(design_id, pub.get("model", {}), workload)
+    if not spec.get("workload") and not spec.get("not_modelled"):
+        raise ValueError(f"{design_id}: {CALIBRATION_FILE} gives neither a workload nor a not_modelled reason")
+    if spec.get("not_modelled") and spec.get("accelerator"):
+        raise ValueError(f"{design_id}: a not_modelled design has no accelerator")
+    workload = None
+    if spec.get("workload"):
+        workload = Workload.from_hf_config(dict(spec["workload"]))
+        _check_workload(design_id, pub.get("model", {}), workload)
     plan = accel = None
     if spec.get("accelerator"):
         plan = build_plan(workload, spec["plan"])
@@ -252,10 +267,11 @@ REPORT_METRICS: dict[str, Callable[[HwReport], float]] = {
     "power_w": lambda r: r.power_w,
     "j_per_token": lambda r: r.j_per_token,
     "hbm_bandwidth_utilisation": _bandwidth_utilisation,
+    "model_bandwidth_utilisation": _bandwidth_utilisation,
     "fraction_of_bandwidth_bound": _fraction_of_bound,
 }
 """Metrics predicted from an :class:`~hwcost.model.HwReport`."""
-GPU_METRICS = ("matmul_speedup_4096", "llama7b_throughput_per_token")
+GPU_METRICS = ("matmul_speedup_4096", "end_to_end_latency_speedup", "llama7b_throughput_per_token")
 
 
 def storage_figures(workload: Workload, spec: dict) -> dict[str, float]:
@@ -278,17 +294,27 @@ def storage_figures(workload: Workload, spec: dict) -> dict[str, float]:
             "nm_2of4_int4_bits_per_weight": nm_bits / weights}
 
 
-def _row(design: str, metric: str, reported: float, predicted: float | None, tolerance: float | None,
+def _row(design: str, metric: str, reported: float | str, predicted: float | None, tolerance: float | None,
          note: str) -> CalibrationRow:
-    residual = None if predicted is None else predicted / reported - 1.0
+    reported = reported if isinstance(reported, str) else float(reported)
+    residual = None if predicted is None or isinstance(reported, str) else predicted / reported - 1.0
     passed = None if tolerance is None or residual is None else abs(residual) <= tolerance
     if tolerance is not None and residual is None:
         passed = False
-    return CalibrationRow(design, metric, float(reported), None if predicted is None else float(predicted),
+    return CalibrationRow(design, metric, reported, None if predicted is None else float(predicted),
                           residual, None if tolerance is None else float(tolerance), passed, note)
 
 
+def _not_modelled(metric: str, design: Design) -> str | None:
+    """The reason calibration.yaml gives for not predicting ``metric`` of ``design`` (None: it is predicted)."""
+    reason = (design.spec.get("not_modelled_metrics") or {}).get(metric) or design.spec.get("not_modelled")
+    return None if reason is None else str(reason).strip()
+
+
 def _note(metric: str, design: Design, report: HwReport | None) -> str:
+    reason = _not_modelled(metric, design)
+    if reason is not None:
+        return NOT_MODELLED + reason
     fit = calibration_spec().get("fit", {})
     for key, how in fit.items():
         if how.get("metric") == metric and how.get("design") == design.id:
@@ -302,6 +328,8 @@ def _note(metric: str, design: Design, report: HwReport | None) -> str:
         e = report.energy_breakdown_j
         step = sum(e.values())
         return "power: " + ", ".join(f"{k} {v / step:.0%}" for k, v in e.items())
+    if metric == "decode_tokens_per_s" and report is not None and not report.fits:
+        return "model: infeasible (" + ", ".join(report.violations) + ")"
     return ""
 
 
@@ -319,8 +347,13 @@ def design_rows(design: Design) -> list[CalibrationRow]:
     for metric, tolerance in checks.items():
         if metric not in reported:
             raise ValueError(f"{design.id}: check '{metric}' is not a reported figure")
-        if metric in GPU_METRICS:
+        not_modelled = _not_modelled(metric, design) is not None
+        if not_modelled and tolerance is not None:
+            raise ValueError(f"{design.id}: '{metric}' is not modelled and cannot have a tolerance")
+        if metric in GPU_METRICS or not_modelled:
             predicted = None
+        elif isinstance(reported[metric], str):
+            raise ValueError(f"{design.id}: reported {metric} is text; list it under not_modelled_metrics")
         elif metric in storage:
             predicted = storage[metric]
         elif metric in REPORT_METRICS and report is not None:
@@ -337,9 +370,11 @@ def calibration_rows() -> list[CalibrationRow]:
 
 
 # ---------------------------------------------------------------------------- table
-def _num(value: float | None) -> str:
+def _num(value: float | str | None) -> str:
     if value is None:
         return "—"
+    if isinstance(value, str):
+        return "(text)"
     return f"{value:.4g}"
 
 
