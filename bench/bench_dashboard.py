@@ -164,7 +164,7 @@ def measure(url: str, trials: int, browser: bool) -> dict[str, float]:
     storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
     study = optuna.load_study(study_name=STUDY, storage=storage)
     out = {"optuna study.get_trials() (all attributes)": timed(lambda: study.get_trials(deepcopy=False))}
-    reader = TrialReader(storage, study._study_id)
+    reader = TrialReader(storage, STUDY)
     out["dse.reader TrialReader.trials(), first read"] = timed(reader.trials)
     out["dse.reader TrialReader.trials(), refresh"] = timed(reader.trials, repeat=3)
     cache_resource.clear()  # the page's own reader starts cold

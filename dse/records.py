@@ -117,3 +117,18 @@ class TrialRecords:
             if not self._table:
                 self._table = sa.inspect(self.engine).has_table(TABLE.name)
             return self._table
+
+
+def copy_records(key: str, source: sa.Engine, target: sa.Engine) -> int:
+    """Copy the records of the study keyed ``key`` (:func:`study_key`) from one database to another, e.g. after
+    ``optuna.copy_study`` (which copies Optuna's tables only; the copy keeps the ``uid`` and trial numbers, so
+    the records match it). Creates the table in ``target`` if needed; returns the rows copied."""
+    with source.connect() as conn:
+        if not sa.inspect(conn).has_table(TABLE.name):
+            return 0
+        rows = [dict(r._mapping) for r in conn.execute(sa.select(TABLE).where(TABLE.c.study == key))]
+    if rows:
+        TrialRecords(target, key, create=True)
+        with target.begin() as conn:
+            conn.execute(TABLE.insert(), rows)
+    return len(rows)

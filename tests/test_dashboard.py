@@ -418,16 +418,22 @@ def test_plan_map_of_ternary_mlgru_and_sparse_layers_by_hand(sqlite_study):
 
 
 def test_postgresql_storage_reads_the_same(sqlite_study, monkeypatch):
-    """The study copied (optuna.copy_study) to the real PostgreSQL server: the reader and the page give the
-    same trials, statuses and numbers as on SQLite."""
+    """The study copied (optuna.copy_study, then its records with dse.records.copy_records) to the real
+    PostgreSQL server: the reader and the page give the same trials, statuses and numbers as on SQLite, and
+    the Trial view the same plan map."""
     import os
 
+    import sqlalchemy as sa
+
+    from dse.records import TABLE, copy_records, study_key
     from helpers import PG_URL
 
-    _, url = sqlite_study
+    study, url = sqlite_study
     name = f"dash-pg-{os.getpid()}"
     optuna.copy_study(from_study_name=STUDY, from_storage=url, to_storage=PG_URL, to_study_name=name)
+    source, target = sa.create_engine(url), sa.create_engine(PG_URL)
     try:
+        assert copy_records(study_key(study), source, target) >= 2 * len(completed(study))  # plan, hw of each
         sqlite_table = run_app(url, monkeypatch).dataframe[0].value
         app = run_app(PG_URL, monkeypatch)
         app.sidebar.selectbox(key="study").set_value(name).run()
@@ -439,8 +445,18 @@ def test_postgresql_storage_reads_the_same(sqlite_study, monkeypatch):
         app.sidebar.radio(key="view").set_value("Studies").run()
         row = app.dataframe[0].value.set_index("study").loc[name]
         assert row["complete"] == (sqlite_table["status"] != "running").sum()
+        sqlite_maps = figures(run_app(url, monkeypatch, view="Trial"))
+        app.sidebar.radio(key="view").set_value("Trial").run()
+        assert not app.exception
+        pg_maps = figures(app)
+        title = next(t for t in sqlite_maps if t.startswith("Plan map"))
+        assert pg_maps[title]["data"][0]["text"] == sqlite_maps[title]["data"][0]["text"]
     finally:
         optuna.delete_study(study_name=name, storage=PG_URL)
+        with target.begin() as conn:
+            conn.execute(TABLE.delete().where(TABLE.c.study == study_key(study)))
+        source.dispose()
+        target.dispose()
 
 
 def test_every_view_leaves_the_storage_unchanged(study_copy, monkeypatch):

@@ -52,3 +52,20 @@ def test_reading_a_database_without_the_table_creates_nothing(tmp_path):
     assert not sa.inspect(sa.create_engine(url)).has_table(TABLE.name)
     TrialRecords(sa.create_engine(url), "plain", create=True).put(0, plan={"layers": []})
     assert records.plan(study.trials[0]) == {"layers": []}  # the table created later is found
+
+
+def test_copy_records_to_postgresql(tmp_path):
+    from dse.records import copy_records
+
+    source, target = sa.create_engine(f"sqlite:///{tmp_path / 's.db'}"), sa.create_engine(PG_URL)
+    key = uuid.uuid4().hex
+    try:
+        TrialRecords(source, key, create=True).put(3, plan={"layers": []}, hw={"fits": True})
+        TrialRecords(source, "another", create=True).put(3, plan={"layers": [1]})
+        assert copy_records(key, source, target) == 2
+        copied = TrialRecords(target, key)
+        assert (copied.get(3, "plan"), copied.get(3, "hw")) == ({"layers": []}, {"fits": True})
+        assert copy_records("nothing", source, target) == 0
+    finally:
+        with target.begin() as conn:
+            conn.execute(TABLE.delete().where(TABLE.c.study == key))
