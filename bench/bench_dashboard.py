@@ -4,9 +4,9 @@
 
 The study: ``--trials`` plans drawn at random from the default spec's space (``examples/default.yaml``:
 SmolLM2-135M, 211 linear layers, Kria KV260), each with its real hardware report from ``hwcost.estimate``
-and its constraint values from the driver's ``screen``, stored with the driver's own record
-(``dse.study.trial_record``: plan, full report with its 242 per-layer rows, scalar metrics), so a
-trial weighs what a real one does (about 100 kB of JSON). Accuracy is the one thing not measured: 2,000
+and its constraint values from the driver's ``screen``, stored as the driver stores them (the scalar
+user attributes of ``dse.study.trial_record``, and the plan and full report with its 242 per-layer rows
+as ``dse_trial_records`` rows, about 100 kB of JSON), so a trial weighs what a real one does. Accuracy is the one thing not measured: 2,000
 proxy evaluations take hours here, so every screened-in plan gets a stand-in ``proxy_kl`` (a smooth
 function of the plan's bits and kept fraction) and the stand-in's 8 best plans a stand-in full result
 (``full:<n>``). The database is kept at ``--db`` (default ``bench-dashboard.db``) and reused when it
@@ -58,9 +58,10 @@ def stand_in_kl(plan) -> float:
 def build_study(url: str, trials: int, seed: int = 0) -> None:
     import yaml
 
+    from dse.records import TrialRecords, study_key
     from dse.space import suggest_plan
     from dse.spec import parse_spec
-    from dse.study import objective_values, open_study, prepare, screen, trial_record
+    from dse.study import objective_values, open_study, prepare, screen, trial_record, trial_records
     from hwcost import estimate
 
     data = yaml.safe_load((ROOT / "examples" / "default.yaml").read_text())
@@ -71,7 +72,9 @@ def build_study(url: str, trials: int, seed: int = 0) -> None:
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed + existing),
                                   directions=spec.directions)
     started = time.perf_counter()
-    records, kls = [], {}
+    storage = optuna.storages.RDBStorage(url)
+    store = TrialRecords(storage.engine, study_key(study), create=True)
+    records, heavy, kls = [], [], {}
     for i in range(existing, trials):
         plan = suggest_plan(sampler.ask(), setup.units, spec.space.mlgru_blocks)
         report = estimate(plan, setup.workload, setup.accelerator)
@@ -89,9 +92,13 @@ def build_study(url: str, trials: int, seed: int = 0) -> None:
         system = {f"constraints:{k}": v for k, v in constraints.items()}
         records.append(optuna.trial.create_trial(values=objective_values(spec, report, evaluation),
                                                  user_attrs=attrs, system_attrs=system))
+        heavy.append(trial_records(plan, report))
         if len(records) == 100 or i == trials - 1:
             study.add_trials(records)
-            records = []
+            added = sorted(t.number for t in study.get_trials(deepcopy=False))[-len(records):]
+            for number, kinds in zip(added, heavy):  # the plan and per-layer report, as the driver stores them
+                store.put(number, **kinds)
+            records, heavy = [], []
             print(f"  {i + 1}/{trials} trials stored ({time.perf_counter() - started:.0f} s)", flush=True)
     for number in sorted(kls, key=kls.get)[:8]:
         acc = max(0.0, 0.3 - kls[number])
