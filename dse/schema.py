@@ -44,10 +44,6 @@ class Problem(ValueError):
 
 
 # --------------------------------------------------------------------------- field types
-def _typed(check, kind: type) -> Any:
-    return Annotated[kind, PlainValidator(check)]
-
-
 def Int(lo: int, hi: int | None = None) -> Any:  # noqa: N802 (a type)
     """An integer (not a bool) from ``lo`` to ``hi`` (inclusive; no upper bound when ``None``)."""
     allowed = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
@@ -56,7 +52,7 @@ def Int(lo: int, hi: int | None = None) -> Any:  # noqa: N802 (a type)
         if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
             raise ValueError(f"{value!r} is not {allowed}")
         return value
-    return _typed(check, int)
+    return Annotated[int, PlainValidator(check)]
 
 
 def Number(lo: float, hi: float | None = None, *, open_lo: bool = False, open_hi: bool = False,  # noqa: N802
@@ -68,14 +64,12 @@ def Number(lo: float, hi: float | None = None, *, open_lo: bool = False, open_hi
                else f"a number in {interval}" + (f" {unit}" if unit else ""))
 
     def check(value):
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        if ok and not ((value > lo if open_lo else value >= lo)
-                       and (hi is None or (value < hi if open_hi else value <= hi))):
-            ok = False
-        if not ok:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not (value > lo if open_lo else value >= lo) or (hi is not None and not (value < hi if open_hi
+                                                                                          else value <= hi))):
             raise ValueError(f"{value!r} is not {allowed}")
         return float(value)
-    return _typed(check, float)
+    return Annotated[float, PlainValidator(check)]
 
 
 def check_text(value: Any) -> str:
@@ -91,9 +85,9 @@ def _flag(value):
     return value
 
 
-Text = _typed(check_text, str)
+Text = Annotated[str, PlainValidator(check_text)]
 """A non-empty string (surrounding blanks removed)."""
-Flag = _typed(_flag, bool)
+Flag = Annotated[bool, PlainValidator(_flag)]
 """``true`` or ``false`` (no ``yes``, ``1`` or ``'true'``)."""
 
 
@@ -189,7 +183,7 @@ def explain(err: ValidationError, prefix: str = "") -> tuple[str, str]:
     if isinstance(cause, SchemaError):  # a nested parse (e.g. the spec's hardware: an Accelerator)
         loc += [cause.path] if cause.path else []
         message = cause.message
-    elif kind in ("value_error", "assertion_error") and cause is not None:
+    elif cause is not None:  # a ValueError (or Problem) raised by a validator
         loc += list(getattr(cause, "at", ()))
         message = str(cause)
     elif kind == "literal_error":
@@ -207,11 +201,6 @@ def explain(err: ValidationError, prefix: str = "") -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- YAML files
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key, line: int, first: int):
-        super().__init__(f"duplicate key '{key}' at line {line} (first at line {first})")
-
-
 class _Loader(yaml.SafeLoader):
     """yaml.safe_load that refuses a key given twice in one mapping."""
 
@@ -223,7 +212,8 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             try:
                 if key in seen:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key] + 1)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first at line {seen[key] + 1})", key_node.start_mark)
                 seen[key] = key_node.start_mark.line
             except TypeError:  # an unhashable key: SafeLoader reports it
                 break
@@ -238,8 +228,6 @@ def read_yaml(path: str | Path, error: type[SchemaError] = SchemaError, noun: st
         raise error("", f"{noun} '{path}' does not exist")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (a SafeLoader)
-    except _DuplicateKey as err:
-        raise error("", f"{path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

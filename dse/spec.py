@@ -30,7 +30,7 @@ MODEL_OBJECTIVES = {ACCURACY: "maximize", PROXY_KL: "minimize"}
 """Objectives measured on the compressed model (the rest come from the hardware report)."""
 HW_OBJECTIVES = {name: info["direction"] for name, info in METRICS.items()}
 """Hardware metric name -> natural direction."""
-CONSTRAINT_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+CONSTRAINT_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 
@@ -60,10 +60,6 @@ def _unique_names(items: tuple, message: str, *at) -> None:
             raise Problem(message.format(name), *at, i, "name")
 
 
-def _sparsity(value: Any) -> Sparsity | None:
-    return value if isinstance(value, Sparsity) else Sparsity.parse(str(value))
-
-
 def _format(value: Any) -> WeightFormat:
     try:
         return value if isinstance(value, WeightFormat) else WeightFormat.parse(value)
@@ -73,6 +69,9 @@ def _format(value: Any) -> WeightFormat:
 
 Regex = Annotated[str, PlainValidator(lambda v: _regex(check_text(v)))]
 """A non-empty regular expression (module names are matched in full)."""
+SparsityChoice = Annotated[Sparsity | None,
+                           PlainValidator(lambda v: v if isinstance(v, Sparsity) else Sparsity.parse(str(v)))]
+FormatChoice = Annotated[WeightFormat, PlainValidator(_format)]
 
 
 @schema(SpecError)
@@ -97,10 +96,9 @@ class LayerGroup:
     #: regular expression on module names (full match)
     targets: Regex
     #: ``dense`` or N:M patterns (0 < N < M), quoted: YAML reads an unquoted 2:4 as 124
-    sparsity: Annotated[tuple[Annotated[Sparsity | None, PlainValidator(_sparsity)], ...], Field(min_length=1)] = (None,)
+    sparsity: Annotated[tuple[SparsityChoice, ...], Field(min_length=1)] = (None,)
     #: weight formats: 16 (FP16), 8..2 integer bits, or ternary
-    formats: Annotated[tuple[Annotated[WeightFormat, PlainValidator(_format)], ...], Field(min_length=1)] = (
-        WeightFormat("16"),)
+    formats: Annotated[tuple[FormatChoice, ...], Field(min_length=1)] = (WeightFormat("16"),)
     #: N:M mask choice methods (one, or a list to search over)
     prune: tuple[Literal[PRUNE_METHODS], ...] = ("magnitude",)
     #: quantisation methods (one, or a list to search over)
@@ -213,10 +211,7 @@ class Constraint:
         metric, op, number = match.groups()
         if metric not in HW_OBJECTIVES:
             raise ValueError(f"{metric!r} is not one of {', '.join(HW_OBJECTIVES)}")
-        try:
-            return Constraint(metric, op, float(number))
-        except ValueError:
-            raise ValueError(f"{number!r} is not a number") from None
+        return Constraint(metric, op, float(number))
 
 
 @schema(SpecError)

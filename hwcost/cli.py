@@ -146,18 +146,6 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------- value parsing
-def _int_flag(text: str | None, flag: str, low: int) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        value = None
-    if value is None or value < low:
-        raise HwcostError(f"{flag}: {text!r} is not an integer >= {low}")
-    return value
-
-
 def _number(text: str, kind: type):
     """A numeric flag's text as ``kind`` (the text itself when it is not one: the Accelerator names the flag)."""
     try:
@@ -236,7 +224,9 @@ def uniform_plan(workload: Workload, args) -> ModelPlan:
     key = str(args.weights).strip().lower()
     if key not in WEIGHT_CHOICES:
         raise HwcostError(f"--weights: '{args.weights}' is not one of {', '.join(WEIGHT_CHOICES)}")
-    group = _int_flag(args.group_size, "--group-size", 1)
+    group = None if args.group_size is None else _number(args.group_size, int)
+    if isinstance(group, str) or (group is not None and group < 1):
+        raise HwcostError(f"--group-size: {args.group_size!r} is not an integer >= 1")
     try:
         sparsity = Sparsity.parse(args.sparsity)
     except PlanError as err:

@@ -42,7 +42,8 @@ def one_line(capsys, argv: list[str]) -> str:
 
 
 SPECS = [  # (old text of examples/default.yaml, its replacement, text appended, expected line after 'error: ')
-    ("", "", "trials: 20\n", "{path}: duplicate key 'trials' at line {end} (first at line {trials})"),
+    ("", "", "trials: 20\n",
+     "{path}: not valid YAML at line {end}, column 1: duplicate key 'trials' (first at line {trials})"),
     ("trials: 16", "trails: 16", "",
      "trails: unknown field; allowed: study, model, tasks, space, hardware, objectives, constraints, sampler, "
      "trials, workers, ray, task_seed, batch_size, storage, compression, proxy, promotion, warm_start, "
@@ -53,7 +54,7 @@ SPECS = [  # (old text of examples/default.yaml, its replacement, text appended,
     ("sparsity: [dense, '2:4', '4:8']  #", "sparsity: [dense, 2:4, '4:8']  #", "",
      f"space.groups[1].sparsity[1]: {NM}"),
     ("proxy: {windows: 8, seq_len: 256}", "proxy: {windows: 8, seq_len: 256, seq_len: 128}", "",
-     "{path}: duplicate key 'seq_len' at line {proxy} (first at line {proxy})"),
+     "{path}: not valid YAML at line {proxy}, column 35: duplicate key 'seq_len' (first at line {proxy})"),
 ]
 
 
@@ -96,7 +97,7 @@ def test_plan_file_unknown_key_did_you_mean(tmp_path, capsys):
         f"error: --plan: layers[0] (model.layers.0.mlp.up_proj): sparsity: {NM}")
     plan.write_text("layers:\n  - name: lm_head\n    format: 4\n    format: 8\n")
     assert one_line(capsys, ESTIMATE + ["--plan", str(plan)]) == (
-        f"error: --plan: {plan}: duplicate key 'format' at line 4 (first at line 3)")
+        f"error: --plan: {plan}: not valid YAML at line 4, column 5: duplicate key 'format' (first at line 3)")
 
 
 def test_devices_and_accelerator_files_did_you_mean(tmp_path, capsys):
@@ -121,7 +122,7 @@ def test_every_error_class_is_a_user_error_and_a_value_error():
 def test_mistakes_in_a_real_process(tmp_path):
     files = {
         "dup.yaml": (spec_text(tmp_path, extra="trials: 20\n"), ["start"],
-                     "{path}: duplicate key 'trials' at line {end} (first at line {trials})"),
+                     "{path}: not valid YAML at line {end}, column 1: duplicate key 'trials' (first at line {trials})"),
         "empty.yaml": ("", ["start"], "{path}: the file is empty; expected a mapping"),
         "nm.yaml": (spec_text(tmp_path, "sparsity: [dense, '2:4', '4:8']  #", "sparsity: [dense, 2:4, '4:8']  #"),
                     ["start"], f"space.groups[1].sparsity[1]: {NM}"),
