@@ -99,14 +99,15 @@ def unknown_key(key: Any, allowed: list[str], noun: str = "unknown field") -> st
 
 
 def _before(cls, data: Any) -> Any:
-    """Every schema: a mapping is required, ``key: null`` means the default, unknown keys are named."""
+    """Every schema: a mapping is required, ``key: null`` means the default, unknown keys are named (fields in
+    ``__schema_internal__`` are set by the code, not by a file)."""
     if type(data).__name__ == "ArgsKwargs":  # a constructor call: Accelerator("kria-kv260", batch=None)
         return type(data)(data.args, {k: v for k, v in (data.kwargs or {}).items() if v is not None})
     if isinstance(data, cls):
         return data
     if isinstance(data, str) and getattr(cls, "__schema_shorthand__", None):
         data = {cls.__schema_shorthand__: data}
-    names = list(cls.__dataclass_fields__)
+    names = [n for n in cls.__dataclass_fields__ if n not in getattr(cls, "__schema_internal__", ())]
     if not isinstance(data, dict):
         raise Problem(f"expected a mapping with fields {', '.join(names)}; got {type(data).__name__}")
     for key in data:

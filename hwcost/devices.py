@@ -97,6 +97,8 @@ def _mapping_of(what: str):
 class Device:
     """An FPGA board: the catalog's entries (``data/devices.yaml``) and those of a user devices file."""
 
+    __schema_internal__ = ("name",)
+
     vendor: Text = "user"
     part: Text = "unspecified"
     #: LUT6-equivalents (Intel: alm x lut_equiv_per_alm)
@@ -125,7 +127,7 @@ class Device:
     shell_overhead: Number(0, 1, open_hi=True) = 0.0
     #: where the figures come from
     source: Text = ""
-    #: catalog name (in a file: the key)
+    #: catalog name (in a file: the key of the entry)
     name: str = ""
 
     @field_validator("memories", mode="before")
