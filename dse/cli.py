@@ -293,13 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from dse.export import ExportError
     from dse.study import EvaluationError
-    from evaluators.models import ModelError
 
     try:
         return args.func(args)
-    except (UserError, ModelError, ExportError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
     except EvaluationError as err:

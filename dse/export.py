@@ -24,6 +24,7 @@ import numpy as np
 import optuna
 import yaml
 
+from dse.errors import UserError
 from dse.pareto import bounds, is_feasible, losses, study_front
 from dse.records import TrialRecords
 from dse.report import hw_metrics, trial_row
@@ -32,7 +33,7 @@ PICKS = ("knee", "max-accuracy", "min-latency", "min-energy")
 WHERE_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The requested trial cannot be exported (one-line message)."""
 
 

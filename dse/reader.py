@@ -23,8 +23,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
+from dse.errors import UserError
 
-class StorageError(ValueError):
+
+class StorageError(UserError, ValueError):
     """A storage URL that names no readable study storage (one-line message)."""
 
 

@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dse.errors import UserError
 from dse.plan import LayerPlan, ModelPlan, WeightFormat
 from dse.textio import replacing
 from evaluators.settings import CompressionSpec
@@ -84,7 +85,7 @@ __all__ = ["write_checkpoint", "load_checkpoint", "save_applied", "read_manifest
            "pack_codes", "unpack_codes", "pack_mask", "unpack_mask", "FORMAT_VERSION"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A directory that is not a readable checkpoint; the one-line message names the file."""
 
 

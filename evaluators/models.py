@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dse.errors import UserError
 from evaluators.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ BUILTIN_MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """The model named in a spec cannot be found or loaded (message is one line)."""
 
 
