@@ -1,8 +1,12 @@
 """Evaluation speed and proxy fidelity, side by side in one run (ratios count; timings are noisy).
 
-    .venv/bin/python bench/bench_eval.py [--threads 2] [--skip-tau] [--tau-limit 200]
+    .venv/bin/python bench/bench_eval.py [--threads 2] [--skip-tau] [--tau-limit 200] [--large-vocab only|skip]
 
-On the default model (SmolLM2-135M) and the default proxy set (8 x 256 validation tokens):
+First, on a tiny randomly initialised model with Gemma 3's 262,144-token vocabulary (hidden 128, 2 layers):
+the dense forward over 8 x 256 tokens against a proxy evaluation (target: at most 1.3x), the dense
+reference's memory (target: under 100 MB) and the proxy KL against the exact full-vocabulary KL.
+
+Then, on the default model (SmolLM2-135M) and the default proxy set (8 x 256 validation tokens):
 
 1. the floor: the dense model's forward pass over the proxy tokens;
 2. a proxy evaluation (apply the plan + KL/perplexity) of a plan whose layers are all in the
@@ -19,12 +23,14 @@ perplexity of shakespeare_ppl. Target: tau >= 0.8.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the evaluator actors (dse.workers.WORKER_ENV)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -82,14 +88,92 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+LARGE_VOCAB = 262_144
+
+
+def large_vocab(threads: int, repeats: int) -> None:
+    """The proxy on a tiny randomly initialised Gemma-3-style model with Gemma 3's 262,144-token vocabulary
+    (hidden 128, 2 layers, float32) and 8 x 256 seeded random tokens: its time against the dense forward, the
+    reference's memory, and its KL against the exact full-vocabulary KL (float64 log-softmax, window by window)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=LARGE_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=128,
+                              max_position_embeddings=512, initializer_range=0.2, final_logit_softcapping=None)
+    model = Gemma3ForCausalLM(config).eval()  # initializer_range 0.2: peaked next-token distributions
+    proxy = ProxySet(torch.randint(0, LARGE_VOCAB, (8, 256), generator=torch.Generator().manual_seed(0)))
+    reference, ref_s = timed(lambda: dense_reference(model, proxy))
+    dense_head = model.lm_head.weight.detach().clone()
+
+    def hidden():
+        with torch.inference_mode():
+            return [model.model(input_ids=row[None], use_cache=False).last_hidden_state[0, :-1]
+                    for row in proxy.input_ids]
+
+    dense_hidden = hidden()
+
+    def exact_kl() -> float:
+        kl = 0.0
+        with torch.inference_mode():
+            for hd, h in zip(dense_hidden, hidden()):
+                lp = torch.log_softmax((hd @ dense_head.T).double(), -1)
+                lq = torch.log_softmax((h @ model.lm_head.weight.T).double(), -1)
+                kl += float((lp.exp() * (lp - lq)).sum())
+        return kl / proxy.predicted_tokens
+
+    def forward():
+        with torch.inference_mode():
+            for row in proxy.input_ids:
+                model(row[None, :])
+
+    with torch.inference_mode():  # a "compressed" body: relative noise 0.3 on every down_proj
+        for block in model.model.layers:
+            w = block.mlp.down_proj.weight
+            w.add_(0.3 * w.std() * torch.randn_like(w))
+    floors, proxies = [], []
+    forward()  # warm-up
+    for _ in range(repeats):  # alternating, fastest of each kept (shared-machine noise)
+        floors.append(timed(forward)[1])
+        result, seconds = timed(lambda: proxy_eval(model, proxy, reference))
+        proxies.append(seconds)
+    kl, exact_body = result.metric("proxy", "kl"), exact_kl()
+    scale = dense_head.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 7  # the head compressed too: INT4 RTN per row
+    model.lm_head.weight = torch.nn.Parameter((dense_head / scale).round().clamp(-8, 7) * scale)
+    bound, exact_head = proxy_eval(model, proxy, reference).metric("proxy", "kl"), exact_kl()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied again
+    tail = float(torch.cat(reference.windows["tail_mass"]).mean())
+    floor, proxy_s, positions = min(floors), min(proxies), proxy.predicted_tokens
+    print(f"tiny Gemma-3-style model, vocab {LARGE_VOCAB:,}, hidden 128, 2 layers, float32; 8 x 256 random tokens "
+          f"({positions:,} positions), {threads} torch threads, fastest of {repeats} alternating runs")
+    print(f"{'':48}{'seconds':>9}{'x floor':>9}")
+    print(f"{'dense forward over the proxy tokens (floor)':48}{floor:9.2f}{1.0:9.2f}")
+    print(f"{'proxy eval (KL + perplexity), body compressed':48}{proxy_s:9.2f}{proxy_s / floor:9.2f}   "
+          f"target <= 1.3x -> {'met' if proxy_s <= 1.3 * floor else 'NOT met'}")
+    print(f"dense reference: {reference.nbytes / 1e6:.1f} MB (top-{reference.top_k}; target < 100 MB -> "
+          f"{'met' if reference.nbytes < 100e6 else 'NOT met'}), built in {ref_s:.1f} s; full-vocabulary "
+          f"FP16 log-probabilities would be {positions * LARGE_VOCAB * 2 / 1e6:,.0f} MB")
+    print(f"KL, body compressed (exact method): proxy {kl:.6f}, exact {exact_body:.6f} nats/token, "
+          f"relative error {abs(kl - exact_body) / exact_body:.1e}")
+    print(f"KL, head INT4 too (bucket lower bound, top-{reference.top_k}, mean tail mass {tail:.3f}): "
+          f"proxy {bound:.6f}, exact {exact_head:.6f}, below it by {(exact_head - bound) / exact_head:.2%}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-tau", action="store_true", help="only the timing comparison")
     parser.add_argument("--tau-limit", type=int, default=200, help="documents per lm-eval task for the tau")
     parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (fastest kept)")
+    parser.add_argument("--large-vocab", choices=("also", "only", "skip"), default="also",
+                        help="the 262,144-token vocabulary section (before the SmolLM2 ones)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.large_vocab != "skip":
+        large_vocab(args.threads, args.repeats)
+        if args.large_vocab == "only":
+            return 0
+        print()
     model, tokenizer = load_model()
     names = linear_layer_names(model)
     proxy = ProxySet.build(tokenizer)
