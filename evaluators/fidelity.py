@@ -12,12 +12,15 @@ computed once per model and proxy set and holds no vocabulary-sized tensor: per 
 ``top_k`` most probable tokens with their log-probabilities, the remaining (tail) mass, and the
 tail's probability-weighted sum of output-embedding rows (``hidden`` floats). With it the KL is
 exact while the compressed model keeps the dense output head (everything before the head may be
-compressed), since then p . z = sum over the top tokens of p_i z_i + h . (tail embedding); when the
-head itself is compressed, the KL is the exact KL between the two distributions collapsed onto
-(top tokens, tail), a lower bound (see :class:`DenseReference`). Each proxy evaluation is one
-forward pass of the compressed model plus one logsumexp over its logits, in chunks of positions.
-Memory: about ``positions x (8 top_k + 4 hidden)`` bytes (8 x 255 positions, k = 256, hidden 640:
-10 MB), whatever the vocabulary.
+compressed), since then p . z = sum over the top tokens of p_i z_i + h . (tail embedding). When the
+head itself is compressed the tail goes through the dense head (a measured error, kept above the
+lower bound that collapses both distributions onto {top tokens, tail}); logits that are not a
+linear head's output (softcapping) get that lower bound (see :func:`proxy_eval`). Each proxy
+evaluation is one forward pass of the compressed model's body, its head applied a vocabulary
+block at a time with a running logsumexp: no window x vocabulary tensor is held, and the cost
+stays that of the dense forward (``bench/bench_eval.py``). Memory: about
+``positions x (8 top_k + 4 hidden)`` bytes whatever the vocabulary (8 x 255 positions, k = 256,
+hidden 640: 10 MB).
 
     proxy = ProxySet.build(tokenizer)
     reference = dense_reference(model, proxy, cache)     # before compressing
@@ -76,9 +79,11 @@ REFERENCE_TOP_K = 256
 REFERENCE_FORMAT = 3
 """Version of the stored reference's fields (part of its cache key; a stored blob of another version is recomputed)."""
 
-_CHUNK_ELEMENTS = 1 << 19
-"""Elements of one block of logits (positions x vocabulary slice; 2 MB in float32), so that the reductions run
-in cache and no temporary grows with the vocabulary."""
+_CHUNK_ELEMENTS = 1 << 21
+"""Elements of one block of logits (positions x vocabulary slice; 8 MB in float32): no temporary grows with the
+vocabulary, and blocks are large enough that per-operation thread wake-ups (OMP_WAIT_POLICY=PASSIVE, as in the
+evaluator actors) stay small against the work (measured in bench/bench_eval.py: 2 MB blocks cost 1.29x the
+dense forward there, 8 MB blocks 0.89x)."""
 
 _HEAD_CHECK_ROWS = 64
 """Rows of the dense output embedding kept to tell whether the model's head is still the dense one."""
@@ -286,7 +291,7 @@ class DenseReference:
                 n, vocab = (h.shape[0], head.weight.shape[0]) if fused else logits.shape
                 k = min(top_k, vocab)
                 parts: dict[str, list] = {name: [] for name in DenseReference.FIELDS}
-                step = max(1, 16 * _CHUNK_ELEMENTS // vocab)
+                step = max(1, 2 * _CHUNK_ELEMENTS // vocab)
                 for s in range(0, n, step):
                     z = _head_logits(h[s:s + step], head) if fused else logits[s:s + step].float()
                     lp = torch.log_softmax(z.double(), dim=-1)  # float32 sums over a large vocabulary drift
