@@ -257,3 +257,20 @@ def test_builtin_names_and_files(tmp_path):
         Workload.resolve(tmp_path)
     with pytest.raises(ValueError, match="built-in names: smollm2-135m"):
         Workload.resolve("no-such-model")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cost_model_costs_the_mlgru_shapes_of_every_family(name):
+    """A block whose attention an MLGRU replaces is costed on four hidden x hidden projections (whatever the
+    attention's heads x head_dim), the other blocks on their attention projections."""
+    from dse.plan import BlockPlan, ModelPlan
+    from hwcost import Accelerator, estimate
+
+    workload = Workload.from_hf_config(CONFIGS[name])
+    plan = ModelPlan(blocks=(BlockPlan(0, "mlgru"),))
+    rows = {row.name: row for row in estimate(plan, workload, Accelerator("alveo-u280")).layers}
+    for layer in workload.mlgru_layers(0):
+        assert rows[layer.name].macs == workload.hidden * workload.hidden
+    for layer in workload.attention_layers(1):
+        assert rows[layer.name].macs == layer.in_features * layer.out_features
+    assert not any(layer.name in rows for layer in workload.attention_layers(0))
