@@ -193,7 +193,7 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"--plan: {err}") from None
     out["compression"] = applied.summary()
     if args.fidelity in ("proxy", "both"):
-        out["proxy"] = proxy_eval(model, proxy, reference).to_dict()
+        out["proxy"] = proxy_eval(model, proxy, reference, applier.dense_output_head()).to_dict()
     if args.fidelity in ("full", "both"):
         lm = TorchLM(model, tokenizer, batch_size=spec.batch_size, disable_tqdm=True)
         result = full_eval(lm, spec.tasks, task_manager(spec.task_seed))

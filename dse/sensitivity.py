@@ -87,7 +87,7 @@ def scan(spec: StudySpec, units: list[Unit], model, tokenizer, proxy, progress=N
                 reference = dense_reference(model, proxy, cache)
             started = time.perf_counter()
             applier.apply(plan)
-            result = proxy_eval(model, proxy, reference)
+            result = proxy_eval(model, proxy, reference, applier.dense_output_head())
             measured = {"kl": result.metric("proxy", "kl"), "ppl": result.metric("proxy", "ppl"),
                         "seconds": time.perf_counter() - started}
             write_atomic(path, json.dumps(measured))  # a scan interrupted mid-write leaves no half file

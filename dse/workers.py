@@ -65,7 +65,7 @@ class Evaluator:
         timings = {"apply": time.perf_counter() - started}
         out: dict = {"compression": applied.summary(), "worker": self.worker}
         if "proxy" in fidelities:
-            result = proxy_eval(self.model, self.proxy, self.reference)
+            result = proxy_eval(self.model, self.proxy, self.reference, self.applier.dense_output_head())
             out["proxy"] = {**result.metrics["proxy"], "tokens_evaluated": result.tokens_evaluated}
             timings["proxy"] = result.wall_time_s
         if "full" in fidelities:

@@ -13,18 +13,20 @@ computed once per model and proxy set and holds no vocabulary-sized tensor: per 
 tail's probability-weighted sum of output-embedding rows (``hidden`` floats). With it the KL is
 exact while the compressed model keeps the dense output head (everything before the head may be
 compressed), since then p . z = sum over the top tokens of p_i z_i + h . (tail embedding). When the
-head itself is compressed the tail goes through the dense head (a measured error, kept above the
-lower bound that collapses both distributions onto {top tokens, tail}); logits that are not a
-linear head's output (softcapping) get that lower bound (see :func:`proxy_eval`). Each proxy
+head itself is compressed the reference's dense final hidden states and the dense head weight (kept
+by the plan applier) give the dense distribution again, a vocabulary block at a time, and the KL
+stays exact; without the dense head weight the tail goes through the dense head (a measured error,
+kept above the lower bound that collapses both distributions onto {top tokens, tail}); logits that
+are not a linear head's output (softcapping) get that lower bound (see :func:`proxy_eval`). Each proxy
 evaluation is one forward pass of the compressed model's body, its head applied a vocabulary
 block at a time with a running logsumexp: no window x vocabulary tensor is held, and the cost
 stays that of the dense forward (``bench/bench_eval.py``). Memory: about
-``positions x (8 top_k + 4 hidden)`` bytes whatever the vocabulary (8 x 255 positions, k = 256,
-hidden 640: 10 MB).
+``positions x (8 top_k + 8 hidden)`` bytes whatever the vocabulary (8 x 255 positions, k = 256,
+hidden 640: 15 MB).
 
     proxy = ProxySet.build(tokenizer)
     reference = dense_reference(model, proxy, cache)     # before compressing
-    result = proxy_eval(model, proxy, reference)         # EvalResult, fidelity "proxy"
+    result = proxy_eval(model, proxy, reference, applier.dense_output_head())   # EvalResult, fidelity "proxy"
     result.metric("proxy", "kl"), result.metric("proxy", "ppl")
 
 The full fidelity, :func:`full_eval`, runs the spec's lm-eval tasks on the project's
@@ -76,7 +78,7 @@ class ProxySet:
 REFERENCE_TOP_K = 256
 """Tokens per position whose dense log-probability the reference stores exactly (the rest is the tail)."""
 
-REFERENCE_FORMAT = 3
+REFERENCE_FORMAT = 4
 """Version of the stored reference's fields (part of its cache key; a stored blob of another version is recomputed)."""
 
 _CHUNK_ELEMENTS = 1 << 21
@@ -140,9 +142,11 @@ def _block_index(ids, step: int, blocks: int):
     return [(rows[a:b], cols[a:b], order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _head_reduce(h, head, top_ids, targets, tail: bool):
+def _head_reduce(h, head, top_ids, targets, tail: bool, dense=None):
     """Of the logits z = h @ W.T + b (float32), computed a vocabulary block at a time and never held whole:
-    (logsumexp z, z on ``top_ids``, z on ``targets``, log sum of exp z off ``top_ids`` or None), per position."""
+    (logsumexp z, z on ``top_ids``, z on ``targets``, log sum of exp z off ``top_ids`` or None, sum p z or None),
+    per position. ``dense``: (dense head weight W_d [vocab, hidden], dense final hidden states h_d [n, hidden],
+    their logsumexp [n]) to also return sum over the vocabulary of p z with p = softmax(h_d @ W_d.T + b)."""
     import torch
 
     n, k = top_ids.shape
@@ -156,8 +160,14 @@ def _head_reduce(h, head, top_ids, targets, tail: bool):
     rest = torch.zeros_like(total) if tail else None
     z_top = torch.empty(n * k, device=h.device)
     z_target = torch.empty(n, device=h.device)
+    cross = torch.zeros_like(total) if dense is not None else None
     for j, (v, w, b) in enumerate(_vocab_blocks(head, n)):
         z = torch.nn.functional.linear(h32, w, b)
+        if dense is not None:  # the dense model's probabilities on this block, from its own hidden states
+            w_dense, h_dense, lse_dense = dense
+            z_dense = torch.nn.functional.linear(h_dense, w_dense[v:v + w.shape[0]].float(), b)
+            cross += (z_dense.double().sub_(lse_dense[:, None]).exp_() * z).sum(-1)
+            del z_dense
         rows, cols, at = top_at[j]
         z_top[at] = z[rows, cols]
         t_rows, t_cols, t_at = target_at[j]
@@ -172,7 +182,7 @@ def _head_reduce(h, head, top_ids, targets, tail: bool):
         m = new_m
     lse = m.double() + total.log()
     log_rest = m.double() + rest.log() if tail else None
-    return lse, z_top.view(n, k).double(), z_target.double(), log_rest
+    return lse, z_top.view(n, k).double(), z_target.double(), log_rest, cross
 
 
 def _logits_reduce(logits, top_ids, targets, tail: bool):
@@ -188,7 +198,7 @@ def _logits_reduce(logits, top_ids, targets, tail: bool):
         rest = torch.logsumexp(z.scatter(-1, top_ids[s:s + step], float("-inf")), dim=-1) if tail else None
         parts.append((lse, z.gather(-1, top_ids[s:s + step]).double(),
                       z.gather(-1, targets[s:s + step, None])[:, 0].double(), rest))
-    return tuple(torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4))
+    return tuple(torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4)) + (None,)
 
 
 class DenseReference:
@@ -201,18 +211,23 @@ class DenseReference:
     * ``tail_mass`` [n] float64: P_tail = sum of p over the tail;
     * ``tail_embed`` [n, hidden] float32: sum over the tail of p_i W_i (W [vocab, hidden]: the dense output
       embedding) and ``tail_bias`` [n] (sum over the tail of p_i b_i, zero without a bias);
+    * ``dense_hidden`` [n, hidden] float32 and ``dense_lse`` [n] float64: the dense final hidden states h_d and
+      the logsumexp of their logits, so that p can be recomputed from the dense head weight;
     * ``mass`` [n] float64 (sum p, 1 up to rounding) and ``neg_entropy`` (sum over positions of sum p log p).
 
     ``tail_embed`` is present (``exact``) when the model's logits are its head applied to the final hidden
     states h (z = W h + b, nothing after: no softcapping); the logits are then taken as that product in
     float32. While a compressed model keeps the dense head (anything before it may change),
     KL(p || q) = sum p log p - sum p z + logsumexp(z) sum p with sum p z = sum_T p_i z_i + h . tail_embed +
-    tail_bias: exact, and one logsumexp over the logits is all the vocabulary-wide work. Otherwise (head
-    compressed, or no such head) the KL is that of p and q collapsed onto the buckets {T, tail}, a lower bound
-    of the exact KL (data-processing inequality), short of it by P_tail * KL(p | tail || q | tail).
+    tail_bias: exact, and one logsumexp over the logits is all the vocabulary-wide work. With a compressed
+    head and the dense head weight at hand, sum p z = sum over the vocabulary of softmax(W h_d + b) z, taken a
+    vocabulary block at a time: exact too, for one more head pass. Otherwise (no dense head weight, or no such
+    head) the KL is that of p and q collapsed onto the buckets {T, tail}, a lower bound of the exact KL
+    (data-processing inequality), short of it by P_tail * KL(p | tail || q | tail).
     """
 
-    FIELDS = ("top_ids", "top_logp", "tail_mass", "tail_embed", "tail_bias", "mass", "neg_entropy")
+    FIELDS = ("top_ids", "top_logp", "tail_mass", "tail_embed", "tail_bias", "dense_hidden", "dense_lse", "mass",
+              "neg_entropy")
 
     def __init__(self, windows: dict, head_ids=None, head_rows=None, head_bias=None):
         self.windows = windows  # field -> list with one tensor per window (None: not stored)
@@ -295,6 +310,9 @@ class DenseReference:
                 for s in range(0, n, step):
                     z = _head_logits(h[s:s + step], head) if fused else logits[s:s + step].float()
                     lp = torch.log_softmax(z.double(), dim=-1)  # float32 sums over a large vocabulary drift
+                    if fused:
+                        parts["dense_hidden"].append(h[s:s + step].float())
+                        parts["dense_lse"].append(z[:, 0].double() - lp[:, 0])  # logsumexp z = z_0 - log p_0
                     del z
                     p = lp.exp()
                     top_logp, top_ids = lp.topk(k, dim=-1)
@@ -318,8 +336,8 @@ class DenseReference:
                 for name, values in parts.items():
                     if values:
                         fields[name].append(torch.cat(values))
-        windows = {k: (v if v and (fused or k not in ("tail_embed", "tail_bias")) else None)
-                   for k, v in fields.items()}
+        windows = {k: (v if v and (fused or k not in ("tail_embed", "tail_bias", "dense_hidden", "dense_lse"))
+                       else None) for k, v in fields.items()}
         head_ids = head_rows = head_bias = None
         if fused:
             weight, bias = head.weight, getattr(head, "bias", None)
@@ -347,13 +365,17 @@ def dense_reference(model, proxy: ProxySet, cache=None, top_k: int = REFERENCE_T
     return reference
 
 
-def proxy_eval(model, proxy: ProxySet, reference: DenseReference) -> EvalResult:
+def proxy_eval(model, proxy: ProxySet, reference: DenseReference, dense_head=None) -> EvalResult:
     """KL(dense || model) and perplexity of ``model`` on the proxy set, in nats per predicted token.
 
-    Per position, with the compressed model's logits z = W' h + b' (log q = z - logsumexp z):
+    ``dense_head``: the dense weight [vocab, hidden] of the model's output head when the plan compressed it
+    (:meth:`~evaluators.compress.PlanApplier.dense_output_head`; None when the head is dense). Per position,
+    with the compressed model's logits z = W' h + b' (log q = z - logsumexp z):
 
     * the head is the dense one (W' = W): the exact KL (:class:`DenseReference`);
-    * the head is linear but compressed (W' != W): per window, the larger of the bucketed lower bound
+    * the head is compressed and ``dense_head`` given: the exact KL, the dense distribution recomputed from
+      the reference's dense hidden states a vocabulary block at a time (one more head pass);
+    * the head is linear but compressed (W' != W) and no ``dense_head``: per window, the larger of the bucketed lower bound
       sum_T p_i log(p_i / q_i) + P_tail log(P_tail / Q_tail) and the estimate that takes the tail's
       sum p_i z_i through the dense head (h . tail_embed), off by sum over the tail of p_i (W'_i - W_i) . h
       (SmolLM2-135M, k = 256: about 3e-4 nats/token with an INT8 head, 1e-3 with INT4, tests/test_fidelity.py);
@@ -369,6 +391,8 @@ def proxy_eval(model, proxy: ProxySet, reference: DenseReference) -> EvalResult:
     head = _linear_head(model)
     fused = reference.exact and head is not None and head.weight.shape[1] == reference.windows["tail_embed"][0].shape[1]
     exact = fused and reference.head_is_dense(model)
+    recompute = (fused and not exact and dense_head is not None and reference.windows.get("dense_hidden") is not None
+                 and tuple(dense_head.shape) == tuple(head.weight.shape))
     w = reference.windows
     with torch.inference_mode():
         for i, row in enumerate(proxy.input_ids):
@@ -381,18 +405,22 @@ def proxy_eval(model, proxy: ProxySet, reference: DenseReference) -> EvalResult:
             top_ids, top_logp = w["top_ids"][i].to(dev).long(), w["top_logp"][i].to(dev).double()
             targets = row[1:].to(dev)
             if fused:
-                lse, z_top, z_target, log_rest = _head_reduce(h, head, top_ids, targets, tail=not exact)
+                dense = ((dense_head.to(dev), w["dense_hidden"][i].to(dev), w["dense_lse"][i].to(dev).double())
+                         if recompute else None)
+                lse, z_top, z_target, log_rest, cross = _head_reduce(h, head, top_ids, targets,
+                                                                     tail=not (exact or recompute), dense=dense)
             else:
-                lse, z_top, z_target, log_rest = _logits_reduce(logits, top_ids, targets, tail=True)
+                lse, z_top, z_target, log_rest, cross = _logits_reduce(logits, top_ids, targets, tail=True)
                 del logits
             nll_sum += float((lse - z_target).sum())
             p_top = top_logp.exp()
             kl = None
-            if fused:  # sum p log p - sum p z + logsumexp(z) sum p, the tail's sum p z through the dense head
-                tail = torch.linalg.vecdot(h.float(), w["tail_embed"][i].to(dev)).double()
-                cross = (p_top * z_top).sum(-1) + tail + w["tail_bias"][i].to(dev).double()
+            if fused:  # sum p log p - sum p z + logsumexp(z) sum p (the tail's sum p z through the dense head)
+                if cross is None:
+                    tail = torch.linalg.vecdot(h.float(), w["tail_embed"][i].to(dev)).double()
+                    cross = (p_top * z_top).sum(-1) + tail + w["tail_bias"][i].to(dev).double()
                 kl = w["neg_entropy"][i].to(dev) - cross + lse * w["mass"][i].to(dev)
-            if not exact:  # the bucketed lower bound
+            if not (exact or recompute):  # the bucketed lower bound
                 p_tail = w["tail_mass"][i].to(dev)
                 # log Q_tail floored at -100 (float32 underflow): the bound only loosens
                 tail_term = p_tail * (p_tail.clamp_min(1e-300).log() - (log_rest - lse).clamp_min(-100.0))

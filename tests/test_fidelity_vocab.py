@@ -133,7 +133,8 @@ def test_reference_memory_does_not_grow_with_the_vocabulary():
     small, large = (dense_reference(tiny_llama(vocab, layers=1), proxy) for vocab in (1024, 262_144))
     assert large.nbytes == small.nbytes
     positions, k, hidden = proxy.predicted_tokens, fidelity.REFERENCE_TOP_K, 32
-    per_position = 4 * k + 4 * k + 8 + 4 * hidden + 4 + 8 + 8  # ids, log p, tail mass, tail embed, bias, mass, H
+    # ids, log p, tail mass, tail embed, bias, dense hidden, dense logsumexp, mass, H
+    per_position = 4 * k + 4 * k + 8 + 4 * hidden + 4 + 4 * hidden + 8 + 8 + 8
     assert large.nbytes <= positions * per_position + 64 * hidden * 4 + 64 * 8
     print(f"reference: {large.nbytes / 1e6:.2f} MB for {positions} positions at vocab 262,144 "
           f"(full FP16 log-probabilities: {positions * 262_144 * 2 / 1e6:.0f} MB)")
@@ -162,12 +163,14 @@ def test_compressed_head_bound_and_estimate():
     reference = dense_reference(model, proxy, top_k=64)
     dense = [head_log_probs(model, row) for row in proxy.input_ids]
     perturb_mlp(model)
+    dense_weight = model.get_output_embeddings().weight.detach().clone()
     int4_head(model)
     assert not reference.head_is_dense(model)
     kl, ppl = exact(dense, model, proxy)
     buckets_only = DenseReference({**reference.windows, "tail_embed": None, "tail_bias": None})
     bound = proxy_eval(model, proxy, buckets_only).metric("proxy", "kl")
     result = proxy_eval(model, proxy, reference)
+    recomputed = proxy_eval(model, proxy, reference, dense_weight)  # exact with the dense head weight
     gap = bucket_gap(dense, model, proxy, reference)
     tail = float(torch.cat(reference.windows["tail_mass"]).mean())
     print(f"head int4, top-64 (mean tail mass {tail:.3f}): exact {kl:.6f}, bound {bound:.6f} "
@@ -176,6 +179,7 @@ def test_compressed_head_bound_and_estimate():
     assert bound <= kl and kl - bound == pytest.approx(gap, rel=1e-6, abs=1e-12)
     assert bound <= result.metric("proxy", "kl") and result.metric("proxy", "kl") == pytest.approx(kl, rel=0.05)
     assert result.metric("proxy", "ppl") == pytest.approx(ppl, rel=1e-6)  # perplexity stays exact
+    assert recomputed.metric("proxy", "kl") == pytest.approx(kl, rel=1e-5)
 
 
 def test_softcapped_logits_fall_back_to_the_bound():

@@ -104,8 +104,9 @@ def test_stored_proxy_and_exported_checkpoint_match_a_fresh_evaluation(sqlite_st
     proxy = ProxySet.build(tokenizer, spec.proxy.windows, spec.proxy.seq_len)
     reference = dense_reference(model, proxy)
     plan = TrialRecords.of(study).plan(trial)
-    PlanApplier(model, tokenizer, spec.compression).apply(ModelPlan.from_dict(plan))
-    result = proxy_eval(model, proxy, reference)
+    applier = PlanApplier(model, tokenizer, spec.compression)
+    applier.apply(ModelPlan.from_dict(plan))
+    result = proxy_eval(model, proxy, reference, applier.dense_output_head())  # as the actors evaluate
     assert result.metric("proxy", "kl") == pytest.approx(trial.values[0], rel=1e-4, abs=1e-6)
     assert result.metric("proxy", "ppl") == pytest.approx(trial.user_attrs["eval"]["proxy"]["ppl"], rel=1e-4)
 

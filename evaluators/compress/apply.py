@@ -150,6 +150,13 @@ class PlanApplier:
         prefixes = self._prefix_digests(plan) if self.settings.mode == "sequential" else {}
         return {lp.name: self._key(lp, prefixes) for lp in self.effective_layers(plan)}
 
+    def dense_output_head(self) -> torch.Tensor | None:
+        """The dense weight ``[vocab, hidden]`` of the model's output head while the applied plan has changed it,
+        else None: what keeps the proxy's KL exact with a compressed head (:func:`evaluators.fidelity.proxy_eval`)."""
+        head = self.model.get_output_embeddings()
+        name = next((n for n, m in self.linears.items() if m is head), None)
+        return self._dense[name] if name in self._touched else None
+
     def restore(self, keep=()) -> None:
         """Put back the dense weights (except of the layers in ``keep``), remove activation quantisers and
         MLGRU mixers."""
