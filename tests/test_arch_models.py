@@ -145,8 +145,8 @@ def test_plan_mismatches_are_one_line_and_name_the_field(tmp_path):
     check_plan(ModelPlan((LayerPlan(o_proj, Sparsity(1, 32)),)), workload)  # 32 divides 128
     with pytest.raises(PlanApplyError) as err:  # ... but not the inheriting MLGRU o_proj's 40
         applier.apply(ModelPlan((LayerPlan(o_proj, Sparsity(1, 32)),), (BlockPlan(0, "mlgru"),)))
-    assert str(err.value) == (f"plan layer 'model.layers.0.mlgru.o_proj': sparsity: M=32 does not divide "
-                              f"in_features 40 of model.layers.0.mlgru.o_proj") and width % 32 == 0
+    assert width % 32 == 0 and str(err.value) == ("plan layer 'model.layers.0.mlgru.o_proj': sparsity: M=32 does "
+                                                  "not divide in_features 40 of model.layers.0.mlgru.o_proj")
 
 
 def test_bfloat16_model_applies_a_plan(tmp_path):
