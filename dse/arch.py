@@ -43,6 +43,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -376,21 +377,11 @@ class Workload:
     def linear_layers(self, mlgru_blocks: Iterable[int] = ()) -> list[LinearLayer]:
         """Every linear layer in model order; blocks in ``mlgru_blocks`` (and every hgrn_bit block) get
         MLGRU projections instead of attention."""
-        mlgru = set(mlgru_blocks) | self.native_mlgru_blocks()
-        out: list[LinearLayer] = list(self.pre_block_layers())
-        for i in range(self.num_layers):
-            out += self.mlgru_layers(i) if i in mlgru else self.attention_layers(i)
-            out += self.mlp_layers(i)
-        out += self.post_block_layers()
-        out.append(self.lm_head())
-        return out
+        return list(_linear_layers(self, frozenset(mlgru_blocks) | self.native_mlgru_blocks()))
 
     def layer_names(self) -> set[str]:
         """Every name a plan may use: attention and MLGRU projections of every block, MLP, lm_head."""
-        names = {layer.name for layer in self.linear_layers()}
-        for i in range(self.num_layers):
-            names.update(layer.name for layer in self.mlgru_layers(i))
-        return names
+        return set(_layer_names(self))
 
     def mlgru_counterpart(self, name: str) -> str:
         """The attention layer whose plan an MLGRU projection inherits when the plan does not name it.
@@ -504,21 +495,48 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
                                problem=problem)
         if bp.mixer == "mlgru":
             mlgru.add(bp.index)
-    names = {layer.name for layer in workload.linear_layers()} | {layer.name for layer in workload.linear_layers(mlgru)}
+    base = _linear_layers(workload, workload.native_mlgru_blocks())
+    names = {layer.name for layer in base} | {layer.name for b in mlgru for layer in workload.mlgru_layers(b)}
     for lp in plan.layers:
         if lp.name not in names:
             hint = (" (an MLGRU projection needs its block's mixer set to mlgru)"
-                    if lp.name in workload.layer_names() else "")
-            example = workload.linear_layers()[0].name
+                    if lp.name in _layer_names(workload) else "")
+            example = base[0].name
             raise PlanMismatch(f"plan layer '{lp.name}' is not a linear layer of the workload (e.g. '{example}', "
                                f"'lm_head'){hint}", layer=lp.name, field="name",
                                problem=f"is not in the workload ({n} blocks){hint}")
-    widths = {layer.name: layer.in_features for layer in workload.linear_layers(mlgru)}
+    widths = _widths(workload)
     for name, lp in workload.effective_plan(plan).items():
         if lp.sparsity is not None and widths[name] % lp.sparsity.m:
             raise PlanMismatch(f"layer {name}: M={lp.sparsity.m} does not divide in_features {widths[name]}",
                                layer=name, sparsity=lp.sparsity, field="sparsity",
                                problem=f"M={lp.sparsity.m} does not divide in_features {widths[name]} of {name}")
+
+
+@lru_cache(maxsize=256)
+def _linear_layers(workload: Workload, mlgru: frozenset[int]) -> tuple[LinearLayer, ...]:
+    """:meth:`Workload.linear_layers` (cached: plan checks and the cost model's batch path ask it per plan)."""
+    out: list[LinearLayer] = list(workload.pre_block_layers())
+    for i in range(workload.num_layers):
+        out += workload.mlgru_layers(i) if i in mlgru else workload.attention_layers(i)
+        out += workload.mlp_layers(i)
+    out += workload.post_block_layers()
+    out.append(workload.lm_head())
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _layer_names(workload: Workload) -> frozenset[str]:
+    names = {layer.name for layer in _linear_layers(workload, workload.native_mlgru_blocks())}
+    return frozenset(names | {layer.name for i in range(workload.num_layers) for layer in workload.mlgru_layers(i)})
+
+
+@lru_cache(maxsize=64)
+def _widths(workload: Workload) -> dict[str, int]:
+    """Input width of every layer a plan may name (do not mutate)."""
+    layers = list(_linear_layers(workload, workload.native_mlgru_blocks()))
+    layers += [layer for i in range(workload.num_layers) for layer in workload.mlgru_layers(i)]
+    return {layer.name: layer.in_features for layer in layers}
 
 
 # ----------------------------------------------------------------------------- reading configs
