@@ -82,7 +82,6 @@ class PlanApplier:
             raise PlanApplyError(f"model: {err}") from None
         self.linears = linear_modules(model)
         self.blocks = model.get_submodule(self.workload.block_prefix)
-        self.prefix = self.workload.block_prefix
         self.cache = cache or CompressionCache(model_fingerprint(model))
         self.progress = progress or (lambda message: log.info("%s", message))
         self._dense: dict[str, torch.Tensor] = {}
