@@ -28,12 +28,16 @@ Predictions per metric:
   with the reason (``not modelled: ...``), no prediction. A reported figure may be text (a qualitative
   comparison); it is printed as ``(text)`` and never predicted.
 
-``residual = predicted / reported - 1``; a row with a tolerance passes when ``|residual| <= tolerance``.
+``residual = predicted / reported - 1``. The all-in prediction uses the stored constants (which are
+the fit over every design); the leave-one-out prediction (``loo_*``) refits the fitted constants
+without the design and predicts it with those. A row with a tolerance passes when ``|residual| <=
+tolerance`` and ``|loo_residual| <= loo_tolerance``.
 
 :func:`fit` recomputes the fitted global constants of ``constants.yaml`` (section ``fit`` of
-calibration.yaml): ``mem_efficiency.hbm2`` by bisection so that the HBM2 design's predicted decode
-rate equals the reported one, then (with that value, rounded to 3 significant digits)
-``fpga_overhead`` by least squares on log(power) over the designs with a reported power.
+calibration.yaml, in its order): each is the bounded minimum over its range of
+sum_d log(predicted_d / reported_d)^2 over its designs (a log-spaced grid, then golden-section
+search), with the constants fitted before it applied; a constant with no design left (leave-one-out)
+takes its ``prior``. ``also`` lists constants that take the same value (memory kinds of one family).
 Candidate constants are evaluated with :func:`override_constants`. Like the rest of hwcost this
 module needs only numpy, pyyaml, the standard library and dse.plan.
 """
@@ -59,8 +63,8 @@ CALIBRATION_FILE = "calibration.yaml"
 GPU_NOTE = "not modelled (GPU measurement)"
 NOT_MODELLED = "not modelled: "
 """Prefix of the note of a figure the model cannot represent (followed by the reason from calibration.yaml)."""
-FITTED_KEYS = ("mem_efficiency.hbm2", "fpga_overhead")
-"""The constants.yaml entries :func:`fit` recomputes (dotted paths)."""
+LOO_TOLERANCE = {"decode_tokens_per_s": 0.25, "power_w": 0.30}
+"""Leave-one-out tolerance of a metric whose all-in check has a tolerance (the calibration issue's targets)."""
 
 
 @dataclass
@@ -68,7 +72,8 @@ class CalibrationRow:
     """One reported figure of one design next to the model's prediction.
 
     ``residual = predicted / reported - 1`` (None without a prediction); ``tolerance``: relative, None when
-    the row is printed but not tested; ``passed``: ``|residual| <= tolerance`` (None when not tested).
+    the row is printed but not tested; ``loo_*``: the same with the fitted constants refitted without this
+    design; ``passed``: both residuals within their tolerances (None when not tested).
     """
 
     design: str
@@ -79,6 +84,9 @@ class CalibrationRow:
     tolerance: float | None
     passed: bool | None
     note: str = ""
+    loo_predicted: float | None = None
+    loo_residual: float | None = None
+    loo_tolerance: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,15 +149,26 @@ def override_constants(values: dict[str, Any]) -> Iterator[dict]:
             d[leaf] = old
 
 
+def fit_spec() -> dict[str, dict]:
+    """calibration.yaml ``fit``: constant path -> {designs, metric, range, prior, also, source}, in fit order."""
+    return calibration_spec()["fit"]
+
+
+def fitted_keys() -> list[str]:
+    """The constants.yaml entries :func:`fit` recomputes (dotted paths), ``also`` entries included."""
+    return [k for key, how in fit_spec().items() for k in (key, *how.get("also", ()))]
+
+
+def _get(path: str) -> Any:
+    d: Any = constants()
+    for key in path.split("."):
+        d = d[key]
+    return d
+
+
 def stored_constants() -> dict[str, float]:
-    """The current values of :data:`FITTED_KEYS` in constants.yaml."""
-    out = {}
-    for path in FITTED_KEYS:
-        d: Any = constants()
-        for key in path.split("."):
-            d = d[key]
-        out[path] = float(d)
-    return out
+    """The current values of the fitted constants (:func:`fit_spec` keys) in constants.yaml."""
+    return {path: float(_get(path)) for path in fit_spec()}
 
 
 # ---------------------------------------------------------------------------- building designs
@@ -187,29 +206,15 @@ def build_plan(workload: Workload, spec: dict) -> ModelPlan:
     return ModelPlan(layers=tuple(layers), blocks=blocks)
 
 
-def _engine_of(report: HwReport, kernel: str):
-    engines = [e for e in report.engines if e.kernel == kernel]
-    if len(engines) != 1:
-        raise ValueError(f"expected one {kernel} engine, found {len(engines)}")
-    return engines[0]
-
-
-def _accelerator(design_id: str, pub: dict, spec: dict, workload: Workload, plan: ModelPlan) -> Accelerator:
+def _accelerator(design_id: str, pub: dict, spec: dict) -> Accelerator:
     fields = dict(spec["accelerator"])
-    for key, value in (("device", pub.get("device")), ("clock_mhz", pub.get("clock_mhz")),
-                       ("memory", (pub.get("memory") or {}).get("type"))):
+    for key, value in (("device", pub.get("device")), ("clock_mhz", pub.get("clock_mhz"))):
         if value is not None and fields.get(key) != value:
             raise ValueError(f"{design_id}: accelerator {key} {fields.get(key)!r} differs from the published {value!r}")
     accel = Accelerator.from_dict(fields, prefix=f"{design_id}.accelerator")
-    lanes_spec = spec.get("datapath_lanes")
-    if lanes_spec:  # fitted datapath width: the LUT share that gives the engine exactly this many lanes
-        kernel, lanes = lanes_spec["engine"], int(lanes_spec["lanes"])
-        lut_per_lane = _engine_of(estimate(plan, workload, accel), kernel).lut_per_lane
-        fields["lut_share"] = lanes * lut_per_lane / accel.dev.available()["lut"]
-        accel = Accelerator.from_dict(fields, prefix=f"{design_id}.accelerator")
-        got = _engine_of(estimate(plan, workload, accel), kernel).lanes
-        if got != lanes:
-            raise ValueError(f"{design_id}: datapath_lanes {lanes} gave {got} {kernel} lanes")
+    kind = (pub.get("memory") or {}).get("type")
+    if kind is not None and kind not in {m.kind for m in accel.memories}:
+        raise ValueError(f"{design_id}: accelerator memory {accel.memory_names} is not of the published kind {kind!r}")
     return accel
 
 
@@ -233,7 +238,7 @@ def build_design(design_id: str) -> Design:
     plan = accel = None
     if spec.get("accelerator"):
         plan = build_plan(workload, spec["plan"])
-        accel = _accelerator(design_id, pub, spec, workload, plan)
+        accel = _accelerator(design_id, pub, spec)
     return Design(design_id, pub, spec, workload, plan, accel)
 
 
@@ -248,7 +253,8 @@ def _streamed_weight_bytes(report: HwReport) -> float:
 
 
 def _peak_bytes_per_s(report: HwReport) -> float:
-    return get_device(report.device).memory(report.memory).bytes_per_s
+    dev = get_device(report.device)
+    return sum(dev.memory(name).bytes_per_s for name in report.memory.split("+"))
 
 
 def _bandwidth_utilisation(report: HwReport) -> float:
@@ -295,14 +301,22 @@ def storage_figures(workload: Workload, spec: dict) -> dict[str, float]:
 
 
 def _row(design: str, metric: str, reported: float | str, predicted: float | None, tolerance: float | None,
-         note: str) -> CalibrationRow:
+         note: str, loo_predicted: float | None = None) -> CalibrationRow:
     reported = reported if isinstance(reported, str) else float(reported)
-    residual = None if predicted is None or isinstance(reported, str) else predicted / reported - 1.0
-    passed = None if tolerance is None or residual is None else abs(residual) <= tolerance
-    if tolerance is not None and residual is None:
-        passed = False
-    return CalibrationRow(design, metric, reported, None if predicted is None else float(predicted),
-                          residual, None if tolerance is None else float(tolerance), passed, note)
+
+    def residual(value):
+        return None if value is None or isinstance(reported, str) else value / reported - 1.0
+
+    res, loo_res = residual(predicted), residual(loo_predicted)
+    loo_tol = None if tolerance is None else LOO_TOLERANCE.get(metric, tolerance)
+    passed = None
+    if tolerance is not None:
+        passed = (res is not None and abs(res) <= tolerance
+                  and (loo_res is None or abs(loo_res) <= loo_tol))
+    return CalibrationRow(design, metric, reported, None if predicted is None else float(predicted), res,
+                          None if tolerance is None else float(tolerance), passed, note,
+                          None if loo_predicted is None else float(loo_predicted), loo_res,
+                          None if loo_tol is None else float(loo_tol))
 
 
 def _not_modelled(metric: str, design: Design) -> str | None:
@@ -315,26 +329,52 @@ def _note(metric: str, design: Design, report: HwReport | None) -> str:
     reason = _not_modelled(metric, design)
     if reason is not None:
         return NOT_MODELLED + reason
-    fit = calibration_spec().get("fit", {})
-    for key, how in fit.items():
-        if how.get("metric") == metric and how.get("design") == design.id:
-            return f"fitted: {key} is fitted to this figure"
     if metric in GPU_METRICS:
         return GPU_NOTE
-    lanes = design.spec.get("datapath_lanes")
-    if lanes and metric == "decode_tokens_per_s":
-        return f"fitted: datapath {lanes['lanes']} {lanes['engine']} lanes (lut_share {design.accel.lut_share:.4g})"
+    notes = [f"in the fit of {key}" for key, how in fit_spec().items()
+             if how["metric"] == metric and design.id in how["designs"]]
+    if design.spec.get("derived_from_rate") and metric == "decode_tokens_per_s":
+        notes.append(f"not independent: {design.spec['derived_from_rate']}")
     if metric == "power_w" and report is not None:
-        e = report.energy_breakdown_j
-        step = sum(e.values())
-        return "power: " + ", ".join(f"{k} {v / step:.0%}" for k, v in e.items())
-    if metric == "decode_tokens_per_s" and report is not None and not report.fits:
-        return "model: infeasible (" + ", ".join(report.violations) + ")"
-    return ""
+        w = report.power_breakdown_w
+        notes.append("power: " + ", ".join(f"{k} {v:.3g} W" for k, v in w.items() if v > 0))
+    if metric == "decode_tokens_per_s" and report is not None:
+        bound = sum(row.cycles for row in report.layers if row.bound == "memory") / max(
+            sum(row.cycles for row in report.layers), 1e-300)
+        notes.append(f"{bound:.0%} of cycles memory-bound")
+        if not report.fits:
+            notes.append("model: infeasible (" + ", ".join(report.violations) + ")")
+    return "; ".join(notes)
 
 
-def design_rows(design: Design) -> list[CalibrationRow]:
-    """The rows of one design: every reported figure (and derived_reported), in calibration.yaml check order."""
+def _predictions(design: Design) -> dict[str, float | None]:
+    """The model's prediction of every reported figure of ``design`` under the current constants."""
+    reported = dict(design.published.get("reported", {}))
+    reported.update(design.spec.get("derived_reported") or {})
+    report = estimate(design.plan, design.workload, design.accel) if design.accel is not None else None
+    storage = storage_figures(design.workload, design.spec["storage"]) if design.spec.get("storage") else {}
+    out: dict[str, float | None] = {}
+    for metric, value in reported.items():
+        if metric in GPU_METRICS or _not_modelled(metric, design) is not None:
+            out[metric] = None
+        elif isinstance(value, str):
+            raise ValueError(f"{design.id}: reported {metric} is text; list it under not_modelled_metrics")
+        elif metric in storage:
+            out[metric] = storage[metric]
+        elif metric in REPORT_METRICS and report is not None:
+            out[metric] = REPORT_METRICS[metric](report)
+        else:
+            raise ValueError(f"{design.id}: no prediction for metric '{metric}'")
+    return out
+
+
+def _in_a_fit(design_id: str) -> bool:
+    return any(design_id in how["designs"] for how in fit_spec().values())
+
+
+def design_rows(design: Design, loo: bool = True) -> list[CalibrationRow]:
+    """The rows of one design: every reported figure (and derived_reported), in calibration.yaml check order;
+    with ``loo`` also the leave-one-out predictions (constants refitted without this design)."""
     reported = dict(design.published.get("reported", {}))
     reported.update(design.spec.get("derived_reported") or {})
     checks = design.spec.get("checks") or {}
@@ -342,31 +382,26 @@ def design_rows(design: Design) -> list[CalibrationRow]:
     if missing:
         raise ValueError(f"{design.id}: reported {', '.join(missing)} has no entry under checks in {CALIBRATION_FILE}")
     report = estimate(design.plan, design.workload, design.accel) if design.accel is not None else None
-    storage = storage_figures(design.workload, design.spec["storage"]) if design.spec.get("storage") else {}
+    predicted = _predictions(design)
+    left_out = predicted
+    if loo and _in_a_fit(design.id):
+        with override_constants(_expand(fit(exclude=design.id))):
+            left_out = _predictions(design)
     rows = []
     for metric, tolerance in checks.items():
         if metric not in reported:
             raise ValueError(f"{design.id}: check '{metric}' is not a reported figure")
-        not_modelled = _not_modelled(metric, design) is not None
-        if not_modelled and tolerance is not None:
+        if _not_modelled(metric, design) is not None and tolerance is not None:
             raise ValueError(f"{design.id}: '{metric}' is not modelled and cannot have a tolerance")
-        if metric in GPU_METRICS or not_modelled:
-            predicted = None
-        elif isinstance(reported[metric], str):
-            raise ValueError(f"{design.id}: reported {metric} is text; list it under not_modelled_metrics")
-        elif metric in storage:
-            predicted = storage[metric]
-        elif metric in REPORT_METRICS and report is not None:
-            predicted = REPORT_METRICS[metric](report)
-        else:
-            raise ValueError(f"{design.id}: no prediction for metric '{metric}'")
-        rows.append(_row(design.id, metric, reported[metric], predicted, tolerance, _note(metric, design, report)))
+        rows.append(_row(design.id, metric, reported[metric], predicted[metric], tolerance,
+                         _note(metric, design, report), left_out[metric] if loo else None))
     return rows
 
 
-def calibration_rows() -> list[CalibrationRow]:
-    """One row per reported figure of every design of published_fpga.yaml (with the current constants)."""
-    return [row for design in _designs().values() for row in design_rows(design)]
+def calibration_rows(loo: bool = True) -> list[CalibrationRow]:
+    """One row per reported figure of every design of published_fpga.yaml (stored constants; ``loo``: with the
+    leave-one-out predictions)."""
+    return [row for design in _designs().values() for row in design_rows(design, loo)]
 
 
 # ---------------------------------------------------------------------------- table
@@ -378,23 +413,29 @@ def _num(value: float | str | None) -> str:
     return f"{value:.4g}"
 
 
-TABLE_HEADERS = ["design", "metric", "reported", "predicted", "residual", "tolerance", "result", "note"]
-TABLE_RIGHT = {2, 3, 4, 5}
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.1%}"
+
+
+TABLE_HEADERS = ["design", "metric", "reported", "predicted", "residual", "LOO predicted", "LOO residual",
+                 "tolerance", "result", "note"]
+TABLE_RIGHT = {2, 3, 4, 5, 6, 7}
 """Columns of :func:`table_cells` and which of them are right-aligned."""
 
 
 def table_cells(rows: list[CalibrationRow]) -> list[list[str]]:
-    """Text cells per row under :data:`TABLE_HEADERS`: residual in %, PASS/FAIL (— when not tested)."""
-    return [[r.design, r.metric, _num(r.reported), _num(r.predicted),
-             "—" if r.residual is None else f"{r.residual:+.1%}",
-             "—" if r.tolerance is None else f"{r.tolerance:.0%}",
+    """Text cells per row under :data:`TABLE_HEADERS`: residuals in %, PASS/FAIL (— when not tested)."""
+    return [[r.design, r.metric, _num(r.reported), _num(r.predicted), _pct(r.residual), _num(r.loo_predicted),
+             _pct(r.loo_residual),
+             "—" if r.tolerance is None else f"{r.tolerance:.0%}" + (
+                 f" / {r.loo_tolerance:.0%}" if r.loo_tolerance is not None else ""),
              "—" if r.passed is None else ("PASS" if r.passed else "FAIL"), r.note] for r in rows]
 
 
 def summary(rows: list[CalibrationRow]) -> str:
     """``'6/6 toleranced checks pass'``."""
     tested = [r for r in rows if r.passed is not None]
-    return f"{sum(r.passed for r in tested)}/{len(tested)} toleranced checks pass"
+    return f"{sum(r.passed for r in tested)}/{len(tested)} toleranced checks pass (all-in and leave-one-out)"
 
 
 def all_pass(rows: list[CalibrationRow]) -> bool:
@@ -414,57 +455,36 @@ def _reported(design: Design, metric: str) -> float:
     return float(design.published["reported"][metric])
 
 
-def fit_mem_efficiency(design_id: str, metric: str = "decode_tokens_per_s", lo: float = 0.01,
-                       hi: float = 1.0) -> float:
-    """The mem_efficiency in [lo, hi] for which ``design_id``'s predicted ``metric`` equals the reported one
-    (bisection on ``Accelerator(mem_efficiency=...)``; the rate grows with the efficiency)."""
-    design = _designs()[design_id]
-    target = _reported(design, metric)
-
-    def gap(eff: float) -> float:
-        accel = Accelerator.from_dict({**design.accel.to_dict(), "mem_efficiency": eff})
-        return REPORT_METRICS[metric](estimate(design.plan, design.workload, accel)) - target
-
-    if gap(hi) < 0 or gap(lo) > 0:
-        raise ValueError(f"{design_id}: the reported {metric} {target:g} is not reached for mem_efficiency in "
-                         f"[{lo:g}, {hi:g}]")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if gap(mid) < 0:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+def _expand(values: dict[str, float]) -> dict[str, float]:
+    """Fitted values with each constant's ``also`` entries set to the same value."""
+    out = {}
+    for key, value in values.items():
+        for path in (key, *fit_spec()[key].get("also", ())):
+            out[path] = value
+    return out
 
 
-def _power_loss(designs: list[Design], metric: str) -> Callable[[float], float]:
-    def loss(overhead: float) -> float:
-        with override_constants({"fpga_overhead": overhead}):
+def log_loss(designs: list[Design], metric: str, path: str) -> Callable[[float], float]:
+    """x -> sum over ``designs`` of log(predicted / reported ``metric``)^2 with constant ``path`` (and its
+    ``also`` entries) set to x."""
+    def loss(x: float) -> float:
+        with override_constants(_expand({path: x})):
             return sum(math.log(REPORT_METRICS[metric](estimate(d.plan, d.workload, d.accel)) / _reported(d, metric))
                        ** 2 for d in designs)
     return loss
 
 
-def fit_fpga_overhead(design_ids_: list[str], metric: str = "power_w", lo: float = 1.0,
-                      hi: float = 100.0) -> float:
-    """fpga_overhead in [lo, hi] minimising sum over the designs of log(predicted / reported power)^2:
-    a 41-point log-spaced grid, then golden-section search between the best point's neighbours."""
-    designs = [_designs()[d] for d in design_ids_]
-    loss = _power_loss(designs, metric)
-    with override_constants({"fpga_overhead": lo}):
-        p_lo = [estimate(d.plan, d.workload, d.accel).power_w for d in designs]
-    with override_constants({"fpga_overhead": hi}):
-        p_hi = [estimate(d.plan, d.workload, d.accel).power_w for d in designs]
-    if p_lo == p_hi:  # a cache inside the model would defeat override_constants
-        raise RuntimeError("the predicted power does not depend on fpga_overhead; cannot fit it")
-    grid = [lo * (hi / lo) ** (i / 40) for i in range(41)]
-    values = [loss(x) for x in grid]
-    best = min(range(len(grid)), key=values.__getitem__)
-    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+def minimise_bounded(loss: Callable[[float], float], lo: float, hi: float, grid: int = 25, steps: int = 40) -> float:
+    """The minimum of ``loss`` over [lo, hi]: a log-spaced grid, then golden-section search between the best
+    point's neighbours (the best of grid and search is returned)."""
+    xs = [lo * (hi / lo) ** (i / (grid - 1)) for i in range(grid)]
+    values = [loss(x) for x in xs]
+    best = min(range(grid), key=values.__getitem__)
+    a, b = xs[max(best - 1, 0)], xs[min(best + 1, grid - 1)]
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
     fc, fd = loss(c), loss(d)
-    for _ in range(60):
+    for _ in range(steps):
         if fc <= fd:
             b, d, fd = d, c, fc
             c = b - ratio * (b - a)
@@ -473,21 +493,20 @@ def fit_fpga_overhead(design_ids_: list[str], metric: str = "power_w", lo: float
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = loss(d)
-    candidates = [(values[best], grid[best]), (fc, c), (fd, d)]
-    return min(candidates)[1]
+    return min([(values[best], xs[best]), (fc, c), (fd, d)])[1]
 
 
-def fit() -> dict[str, float]:
-    """Recompute the fitted constants (calibration.yaml ``fit``) from the designs.
-
-    ``mem_efficiency.hbm2`` first (bisection on the HBM2 design's decode rate), then ``fpga_overhead``
-    (least squares on log power) with that efficiency rounded to 3 significant digits, as it is stored.
-    Returns unrounded values keyed by :data:`FITTED_KEYS`.
-    """
-    how = calibration_spec()["fit"]
-    h = how["mem_efficiency.hbm2"]
-    hbm2 = fit_mem_efficiency(h["design"], h["metric"], *map(float, h["range"]))
-    o = how["fpga_overhead"]
-    with override_constants({"mem_efficiency.hbm2": round_sig(hbm2, 3)}):
-        overhead = fit_fpga_overhead(list(o["designs"]), o["metric"], *map(float, o["range"]))
-    return {"mem_efficiency.hbm2": hbm2, "fpga_overhead": overhead}
+def fit(exclude: str | None = None) -> dict[str, float]:
+    """Recompute the fitted constants (calibration.yaml ``fit``, in order) from their designs, leaving out the
+    design ``exclude``; each fit sees the earlier ones rounded to 3 significant digits, as they are stored.
+    Returns unrounded values keyed by the :func:`fit_spec` paths (``also`` entries take the same values)."""
+    fitted: dict[str, float] = {}
+    for path, how in fit_spec().items():
+        designs = [_designs()[d] for d in how["designs"] if d != exclude]
+        if not designs:
+            fitted[path] = float(how["prior"])
+            continue
+        with override_constants(_expand({k: round_sig(v, 3) for k, v in fitted.items()})):
+            lo, hi = map(float, how["range"])
+            fitted[path] = minimise_bounded(log_loss(designs, how["metric"], path), lo, hi)
+    return fitted

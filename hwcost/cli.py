@@ -31,8 +31,8 @@ from dse.plan import BlockPlan, LayerPlan, ModelPlan, PlanError, Sparsity, Weigh
 from dse.schema import SchemaError, plan_from_data, read_yaml
 from dse.textio import format_table
 from hwcost.accelerator import Accelerator, AcceleratorError
-from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices,
-                            load_devices_file, user_devices)
+from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices, load_devices_file,
+                            parse_devices, user_devices)
 from dse.arch import BUILTIN_CONFIGS, PlanMismatch, Workload, check_plan
 
 USER_ERROR = 2
@@ -43,7 +43,13 @@ SUITE_ENV = "HWCOST_SUITE_RUNNING"
 TEST_GLOBS = ("test_hwcost*.py", "test_workload_families.py")
 ACCEL_FLAGS = {"clock_mhz": ("--clock-mhz", "clock_mhz", float), "batch": ("--batch", "batch", int),
                "context_length": ("--context", "context", int), "prompt_length": ("--prompt", "prompt", int),
-               "act_bits": ("--act-bits", "act_bits", int)}
+               "act_bits": ("--act-bits", "act_bits", int), "dsp_share": ("--dsp-share", "dsp_share", float),
+               "lut_share": ("--lut-share", "lut_share", float), "resident": ("--resident", "resident", str),
+               "memory": ("--memory", "memory", str), "kv_bits": ("--kv-bits", "kv_bits", int),
+               "attention_window": ("--window", "window", int),
+               "ternary_engine": ("--ternary-engine", "ternary_engine", str),
+               "ternary_storage": ("--ternary-storage", "ternary_storage", str),
+               "embedding": ("--embedding", "embedding", str), "lm_head": ("--lm-head", "lm_head", str)}
 """Accelerator field -> (flag, argparse dest, type); the Accelerator checks the values."""
 
 
@@ -118,10 +124,21 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-lm-head", action="store_true", help="leave lm_head FP16 dense in a uniform plan")
     p.add_argument("--device", metavar="ID", help="device name (dse hwcost devices lists them)")
     p.add_argument("--clock-mhz", metavar="F", help="datapath clock, MHz")
-    p.add_argument("--accel", metavar="ACCEL.yaml", help="Accelerator fields (the spec's hardware: keys); "
+    p.add_argument("--accel", metavar="ACCEL.yaml", help="Accelerator fields (the spec's hardware: keys, or the "
+                                                         "accelerator.yaml of 'dse export' with its devices:); "
                                                          "flags override them")
     p.add_argument("--act-bits", metavar="8|16", help="activation width of the INT and ternary kernels "
                                                       "(default 8; 16 for W4A16-style designs)")
+    p.add_argument("--dsp-share", metavar="F", help="fraction of the DSPs the matrix engines may use (default 0.7)")
+    p.add_argument("--lut-share", metavar="F", help="fraction of the LUTs the matrix engines may use (default 0.5)")
+    p.add_argument("--resident", metavar="none|all|REGEX", help="linear layers held on chip (default none)")
+    p.add_argument("--memory", metavar="NAME[+NAME]", help="device memories used (default: the board's main one)")
+    p.add_argument("--kv-bits", metavar="16|8|4", help="bits of a KV-cache value (default 16)")
+    p.add_argument("--window", metavar="TOKENS", help="attention window: tokens an attention block reads at most")
+    p.add_argument("--ternary-engine", metavar="adder_tree|table_lookup", help="ternary datapath (default adder_tree)")
+    p.add_argument("--ternary-storage", metavar="2bit|base3", help="ternary weight packing (default 2bit)")
+    p.add_argument("--embedding", metavar="fpga|host", help="where the embedding lookup runs (default fpga)")
+    p.add_argument("--lm-head", metavar="fpga|host", help="where the LM head runs (default fpga)")
     p.add_argument("--batch", metavar="B", help="sequences decoded together")
     p.add_argument("--context", metavar="C", help="tokens of KV cache per decode step")
     p.add_argument("--prompt", metavar="P", help="prompt tokens for the prefill latency")
@@ -178,17 +195,38 @@ def load_workload(ref: str) -> Workload:
         raise HwcostError(f"--model-config: {err}") from None
 
 
+def read_accel_file(path: str) -> tuple[dict, dict]:
+    """``--accel``: (Accelerator fields, devices). The fields are the file's top level (``dse export``'s
+    accelerator.yaml) or its ``hardware:`` mapping; an optional top-level ``devices:`` holds boards in
+    devices-file form (as ``--devices-file``), known while the accelerator is built and costed."""
+    data = _read_yaml(path, "--accel")
+    devices = {}
+    if "devices" in data:
+        try:
+            devices = parse_devices({"devices": data["devices"]}, source=f"--accel {Path(path).name}")
+        except DeviceFileError as err:
+            raise HwcostError(f"--accel: {err}") from None
+        data = {k: v for k, v in data.items() if k != "devices"}
+    return (data["hardware"] if set(data) == {"hardware"} else data), devices
+
+
+def accel_devices(path: str | None) -> dict:
+    """The boards of ``--accel``'s ``devices:`` section (empty without one)."""
+    return read_accel_file(path)[1] if path else {}
+
+
 def build_accelerator(args) -> Accelerator:
-    """Accelerator from ``--accel`` overridden by the flags; errors name the flag or ``--accel: hardware.<field>``."""
+    """Accelerator from ``--accel`` overridden by the flags; errors name the flag or ``--accel: hardware.<field>``.
+    Boards of ``--accel``'s ``devices:`` section must be known (:func:`accel_devices`; ``cmd_estimate`` does it)."""
     values: dict = {}
     if args.accel:
-        data = _read_yaml(args.accel, "--accel")
-        values.update(data["hardware"] if set(data) == {"hardware"} else data)
+        values.update(read_accel_file(args.accel)[0])
     flags = {field: _number(getattr(args, dest), kind) for field, (_, dest, kind) in ACCEL_FLAGS.items()
              if getattr(args, dest) is not None}
     devices = list_devices()
     if args.device is not None and args.device not in devices:
-        raise HwcostError(f"--device: '{args.device}' is not in the catalog; allowed: {', '.join(devices)}")
+        raise HwcostError(f"--device: '{args.device}' is not a known device; allowed: {', '.join(devices)} "
+                          "(or add it with --devices-file FILE.yaml)")
     if args.device is None and "device" not in values:
         raise HwcostError(f"--device: is required (or 'device' in --accel); allowed: {', '.join(devices)}")
     values.update(flags, **({"device": args.device} if args.device else {}))
@@ -293,8 +331,8 @@ def device_rows(user: dict) -> list[dict]:
     for name in list_devices():
         dev = get_device(name)
         d = dev.to_dict()
-        d.update(alm=dev.alm, bram_blocks=dev.bram_blocks, bram_block_kbits=dev.bram_block_kbits,
-                 origin="user" if name in user else "catalog", overrides_catalog=name in user and name in catalog)
+        d.update(bram36=dev.bram36, origin="user" if name in user else "catalog",
+                 overrides_catalog=name in user and name in catalog)
         out.append(d)
     return out
 
@@ -306,13 +344,15 @@ def devices_text(rows: list[dict]) -> str:
         logic = f"{_n(dev.alm)} ALM" if dev.alm else f"{_n(dev.lut)} LUT"
         bram = f"{_n(dev.bram_blocks)} " + ("BRAM36" if dev.bram_block_kbits == 36 else
                                            "M20K" if dev.bram_block_kbits == 20 else f"x{dev.bram_block_kbits}Kib")
-        mems = sorted(dev.memories, key=lambda m: m.kind != dev.default_memory)
+        mems = sorted(dev.memories, key=lambda m: m.name != dev.default_memory)  # the default first
         source = d["source"] + (" (overrides the catalog entry)" if d["overrides_catalog"] else "")
         table.append([d["name"], logic, _n(dev.ff), _n(dev.dsp), bram, _n(dev.uram),
-                      "+".join(m.kind for m in mems), "/".join(f"{m.gbps:g}" for m in mems),
-                      "/".join(f"{m.gb:g}" for m in mems), f"{dev.static_w:g}", source])
-    headers = ["device", "LUT/ALM", "FF", "DSP", "BRAM36/M20K", "URAM", "memory", "GB/s", "GiB", "static W", "source"]
-    text = format_table(table, headers, right={1, 2, 3, 4, 5, 7, 8, 9})
+                      "+".join(m.name + (f" ({m.kind})" if m.kind != m.name else "") for m in mems),
+                      "/".join(f"{m.gbps:g}" for m in mems), "/".join(f"{m.gb:g}" for m in mems),
+                      "/".join(f"{m.channels}x{m.port_bits}" for m in mems), f"{dev.static_w:g}", source])
+    headers = ["device", "LUT/ALM", "FF", "DSP", "BRAM36/M20K", "URAM", "memory", "GB/s", "GiB", "ports x bits",
+               "static W", "source"]
+    text = format_table(table, headers, right={1, 2, 3, 4, 5, 7, 8, 9, 10})
     overrides = [d["name"] for d in rows if d["overrides_catalog"]]
     if overrides:
         text += "\n" + "\n".join(f"note: '{name}' from --devices-file overrides the catalog entry" for name in overrides)
@@ -336,8 +376,7 @@ def report_json(report, workload: Workload, plan: ModelPlan, accel: Accelerator,
         "weight_bytes": report.weight_bytes_total,
         "resources": {r: {"used": used[r], "available": avail.get(r), "utilisation": util.get(r),
                           "cap": caps.get(r)} for r in used},
-        "layers": [{**row, "cycles": max(row.get("compute_cycles", 0.0), row.get("memory_cycles", 0.0))}
-                   for row in layers],
+        "layers": [{**row, "cycles": cost.cycles} for row, cost in zip(layers, report.layers)],
     }
     return out
 
@@ -345,7 +384,6 @@ def report_json(report, workload: Workload, plan: ModelPlan, accel: Accelerator,
 def report_text(report, workload: Workload, plan: ModelPlan, accel: Accelerator, meta: dict,
                 all_layers: bool = False) -> str:
     dev = get_device(report.device)
-    mem = dev.memory(report.memory)
     mlgru = sum(1 for bp in plan.blocks if bp.mixer == "mlgru")
     mixers = (f"MLGRU in all {workload.num_layers} blocks" if mlgru == workload.num_layers else
               f"attention in {workload.num_layers - mlgru} blocks" + (f", MLGRU in {mlgru}" if mlgru else ""))
@@ -354,10 +392,13 @@ def report_text(report, workload: Workload, plan: ModelPlan, accel: Accelerator,
         f"model    {meta['model']}: {workload.model_type or workload.family}, {workload.num_layers} blocks, "
         f"hidden {workload.hidden}, {workload.param_count() / 1e6:.1f} M parameters",
         f"plan     {meta['plan']}: {summary}; {mixers} (hash {plan.hash})",
-        f"device   {dev.name} ({dev.part}), {mem.kind} {mem.gbps:g} GB/s x {accel.efficiency:.3g} efficiency, "
-        f"{mem.gb:g} GiB",
-        f"accel    {report.clock_mhz:g} MHz, weights {report.weights}, batch {report.batch}, "
-        f"context {report.context_length}, prompt {report.prompt_length}",
+        f"device   {dev.name} ({dev.part}), " + ", ".join(
+            f"{m.name} ({m.kind}) {m.gbps:g} GB/s peak, {report.memory_bytes_per_s[m.name] / 1e9:.3g} GB/s used, "
+            f"{m.gb:g} GiB" for m in accel.memories),
+        f"accel    {report.clock_mhz:g} MHz, resident {report.weights} ({_bytes(report.resident_bytes)} of a "
+        f"{_bytes(report.weight_buffer_bytes)} buffer), KV {report.kv_bits} bit, batch {report.batch}, "
+        f"context {report.context_length}, prompt {report.prompt_length}"
+        + (f", host {report.host_ms:.3f} ms/step" if report.host_ms else ""),
         "",
     ]
     rows = [[r, _n(report.resources[r]), _n(report.available[r]), f"{report.utilisation[r]:.1%}",
@@ -372,7 +413,7 @@ def report_text(report, workload: Workload, plan: ModelPlan, accel: Accelerator,
         f"decode   {report.decode_ms_per_token:.3f} ms/token, {report.decode_tokens_per_s:.2f} tokens/s",
         f"prefill  {report.prefill_ms:.1f} ms for {report.prompt_length} prompt tokens",
         f"power    {report.power_w:.2f} W, {report.j_per_token:.4f} J/token ("
-        + ", ".join(f"{k} {v:.3g} J" for k, v in report.energy_breakdown_j.items()) + " per step)",
+        + ", ".join(f"{k} {v:.3g} W" for k, v in report.power_breakdown_w.items() if v) + ")",
         f"weights  {_bytes(report.weight_bytes_total)} ("
         + ", ".join(f"{k} {_bytes(v)}" for k, v in report.weight_bytes_breakdown.items()) + ")"
         + (", lm_head read from the tied embedding" if report.lm_head_shares_embedding else ""),
@@ -380,9 +421,10 @@ def report_text(report, workload: Workload, plan: ModelPlan, accel: Accelerator,
         "",
     ]
     shown = report.layers if all_layers else [row for row in report.layers if row.block in (None, 0)]
-    table = [[row.name, row.kernel, _n(row.kept_macs), _n(row.weight_bytes), _n(row.memory_bytes),
-              _n(row.compute_cycles), _n(row.memory_cycles), row.bound,
-              f"{max(row.compute_cycles, row.memory_cycles) / report.clock_mhz:.2f}"] for row in shown]
+    table = [[row.name, row.kernel + (" (resident)" if row.resident else "") + (" (host)" if row.where == "host"
+                                                                                  else ""),
+              _n(row.kept_macs), _n(row.weight_bytes), _n(row.memory_bytes), _n(row.compute_cycles),
+              _n(row.memory_cycles), row.bound, f"{row.cycles / report.clock_mhz:.2f}"] for row in shown]
     lines.append(format_table(table, ["layer", "kernel", "kept MACs", "weight B", "off-chip B", "compute cyc",
                                       "memory cyc", "bound", "us"], right={2, 3, 4, 5, 6, 8}))
     if not all_layers and len(shown) < len(report.layers):
@@ -403,7 +445,7 @@ def cmd_devices(args) -> int:
 def cmd_estimate(args) -> int:
     from hwcost.model import estimate
 
-    user = load_user_devices(args.devices_file)
+    user = {**accel_devices(args.accel), **load_user_devices(args.devices_file)}  # --devices-file wins
     with user_devices(user):
         workload = load_workload(args.model_config)
         accel = build_accelerator(args)

@@ -1,7 +1,8 @@
 """FPGA device catalog (``hwcost/data/devices.yaml``) and the model constants (``constants.yaml``).
 
 A :class:`Device` holds the data-sheet resources of one board's FPGA and its
-off-chip memory. Users add boards with a YAML file (:func:`load_devices_file`,
+named off-chip memories (:class:`MemorySystem`: kind, bandwidth, capacity and the fabric-side
+ports that reach it). Users add boards with a YAML file (:func:`load_devices_file`,
 validated field by field like the study spec) and make them visible to
 :func:`get_device` / :func:`list_devices` with :func:`user_devices`; a user
 device with a catalog name overrides the catalog entry while it is active. Units: LUT/FF/DSP/URAM and block-RAM counts; block RAM also
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
-import yaml
 from pydantic import PlainValidator, field_validator, model_validator
 
 from dse.schema import Int, Number, Problem, SchemaError, Text, parse, read_yaml, schema
@@ -34,9 +34,9 @@ URAM_BITS = 288 * 1024
 
 @lru_cache(maxsize=None)
 def load_data_yaml(name: str) -> dict:
-    """A file of ``hwcost/data`` parsed (cached; do not mutate)."""
-    with open(DATA_DIR / name, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+    """A file of ``hwcost/data`` parsed (cached; do not mutate); a key given twice in one mapping is an
+    error naming the key and both lines (:func:`dse.schema.read_yaml`), not a silent override."""
+    return read_yaml(DATA_DIR / name, SchemaError, noun="data file")
 
 
 def constants() -> dict:
@@ -44,23 +44,49 @@ def constants() -> dict:
     return load_data_yaml("constants.yaml")
 
 
-MEMORY_KINDS = ("hbm2", "ddr4")
+MEMORY_KINDS = ("ddr4", "ddr5", "lpddr4", "lpddr5", "hbm2", "hbm2e")
+"""Off-chip memory technologies; constants.yaml keys mem_efficiency and offchip_pj_per_bit on them."""
+FABRICS = ("ultrascale_plus", "versal", "stratix10", "agilex")
+"""FPGA fabric families; the power model (constants.yaml power.dynamic_uw_per_mhz) keys its coefficients on them."""
+FABRIC_OF_DSP = {"dsp48e2": "ultrascale_plus", "dsp58": "versal", "s10_vp": "stratix10"}
+"""The fabric a DSP kind implies (Device.fabric's default)."""
+AXI_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
+"""Data widths, bits, an AXI (or Avalon) port may have (the powers of two of the AMBA AXI specification)."""
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MEMORY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+"""A memory name: no '.' (it would read as a field path) and no '+' (Accelerator.memory joins names with it)."""
 
 
 class DeviceFileError(SchemaError):
     """An invalid field in a devices file: ``'<field path>: <problem and what is allowed>'``."""
 
 
-@schema(DeviceFileError)
-class MemorySystem:
-    """One off-chip memory of a board (in a devices file: ``memories: {<kind>: {gbps, gb}}``)."""
+def _port_bits(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in AXI_WIDTHS:
+        raise ValueError(f"{value!r} is not an AXI data width; allowed: {', '.join(map(str, AXI_WIDTHS))} (bits)")
+    return value
 
+
+@schema(DeviceFileError, kw_only=True)
+class MemorySystem:
+    """One named off-chip memory of a board. In a devices file ``memories: {<name>: {kind, gbps, gb, channels,
+    port_bits}}``; ``kind`` may be left out when the name is itself a kind (``memories: {hbm2: {gbps, gb}}``)."""
+
+    __schema_internal__ = ("name",)
+
+    #: memory technology (constants.yaml mem_efficiency and offchip_pj_per_bit are keyed on it)
     kind: Literal[MEMORY_KINDS]
     #: peak bandwidth, GB/s (1e9 bytes/s)
     gbps: Number(0, open_lo=True)
     #: capacity, GiB (2**30 bytes)
     gb: Number(0, open_lo=True)
+    #: independent controller ports the fabric reads in parallel: HBM pseudo-channel AXI ports, DDR
+    #: controllers, or Zynq PS HP ports
+    channels: Int(1) = 1
+    #: AXI data width, bits, of one channel's fabric-side port at the accelerator clock
+    port_bits: Annotated[int, PlainValidator(_port_bits)] = 512
+    #: the memory's name on its board (in a file: the key of the entry)
+    name: str = ""
 
     @property
     def bytes_per_s(self) -> float:
@@ -71,6 +97,34 @@ class MemorySystem:
     def capacity_bytes(self) -> int:
         """Capacity in bytes (GiB * 2**30)."""
         return int(self.gb * 2**30)
+
+    @property
+    def fabric_bytes_per_cycle(self) -> float:
+        """Bytes the fabric can move per accelerator cycle through all channels: channels * port_bits / 8."""
+        return self.channels * self.port_bits / 8
+
+    def to_dict(self) -> dict:
+        """The devices-file fields (without the name, which is the key)."""
+        return {"kind": self.kind, "gbps": self.gbps, "gb": self.gb, "channels": self.channels,
+                "port_bits": self.port_bits}
+
+
+def _memory_systems(value: Any) -> tuple[MemorySystem, ...]:
+    """``{name: fields}`` (or MemorySystem objects, named by their kind when unnamed) -> named memories."""
+    if isinstance(value, (tuple, list)) and value and all(isinstance(m, MemorySystem) for m in value):
+        return tuple(m if m.name else replace(m, name=m.kind) for m in value)
+    _mapping_of("memory name -> {kind, gbps, gb, channels, port_bits}")(value)
+    out = []
+    for name, entry in value.items():
+        if not isinstance(name, str) or not MEMORY_NAME_RE.match(name):
+            raise Problem("a memory name is 1-32 letters, digits, '_' or '-', starting with a letter", str(name))
+        if isinstance(entry, dict) and entry.get("kind") is None:
+            if name not in MEMORY_KINDS:
+                raise Problem(f"is required (the name '{name}' is not a memory kind); allowed: "
+                              f"{', '.join(MEMORY_KINDS)}", name, "kind")
+            entry = {**entry, "kind": name}
+        out.append(replace(parse(MemorySystem, entry, prefix=name), name=name))
+    return tuple(out)
 
 
 def dsp_kinds() -> list[str]:
@@ -111,15 +165,18 @@ class Device:
     dsp: Int(0)
     #: DSP block kind the constants know (constants.yaml macs_per_dsp)
     dsp_kind: Annotated[str, PlainValidator(_dsp_kind)]
+    #: fabric family, for the power coefficients (default: from dsp_kind; dsp48e2 -> ultrascale_plus,
+    #: dsp58 -> versal, s10_vp -> stratix10)
+    fabric: Literal[FABRICS] | None = None
     #: block RAMs of bram_block_kbits Kib each
     bram_blocks: Int(0)
     #: Kib per block RAM: 36 for AMD BRAM36, 20 for Intel M20K
     bram_block_kbits: Int(1)
     #: UltraRAM blocks of 288 Kib
     uram: Int(0) = 0
-    #: off-chip memories (in a file: kind -> {gbps, gb})
+    #: off-chip memories (in a file: name -> {kind, gbps, gb, channels, port_bits})
     memories: tuple[MemorySystem, ...]
-    #: the memory used by default (default: the first listed)
+    #: name of the memory used by default (default: the first listed)
     default_memory: str = ""
     #: W drawn while idle
     static_w: Number(0)
@@ -130,20 +187,10 @@ class Device:
     #: catalog name (in a file: the key of the entry)
     name: str = ""
 
-    @field_validator("memories", mode="before")
-    @classmethod
-    def _memories(cls, value):
-        if isinstance(value, tuple):
-            return value
-        _mapping_of(f"memory kind ({', '.join(MEMORY_KINDS)}) -> {{gbps, gb}}")(value)
-        for kind in value:
-            if kind not in MEMORY_KINDS:
-                raise Problem(f"unknown memory kind; allowed: {', '.join(MEMORY_KINDS)}", kind)
-        return tuple(parse(MemorySystem, {"kind": kind, **m} if isinstance(m, dict) else m, prefix=kind)
-                     for kind, m in value.items())
+    _memories = field_validator("memories", mode="before")(_memory_systems)
 
     @model_validator(mode="after")
-    def _logic_and_memory(self):
+    def _logic_memory_fabric(self):
         if self.alm:
             if self.lut_equiv_per_alm is None:
                 raise Problem("is required with alm (LUT6-equivalents per ALM, e.g. 2)", "lut_equiv_per_alm")
@@ -153,10 +200,17 @@ class Device:
             object.__setattr__(self, "lut", lut)
         elif self.lut is None:
             raise Problem("is required (or alm with lut_equiv_per_alm)", "lut")
-        kinds = [m.kind for m in self.memories]
-        if self.default_memory and self.default_memory not in kinds:
-            raise Problem(f"{self.default_memory!r} is not one of {', '.join(kinds)}", "default_memory")
-        object.__setattr__(self, "default_memory", self.default_memory or kinds[0])
+        names = [m.name for m in self.memories]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise Problem(f"the memory name '{twice}' is given twice", "memories")
+        if self.default_memory and self.default_memory not in names:
+            raise Problem(f"{self.default_memory!r} is not one of {', '.join(names)}", "default_memory")
+        object.__setattr__(self, "default_memory", self.default_memory or names[0])
+        if self.fabric is None:
+            if self.dsp_kind not in FABRIC_OF_DSP:
+                raise Problem(f"is required for dsp_kind {self.dsp_kind}; allowed: {', '.join(FABRICS)}", "fabric")
+            object.__setattr__(self, "fabric", FABRIC_OF_DSP[self.dsp_kind])
         return self
 
     @property
@@ -169,14 +223,18 @@ class Device:
         """Block RAM in BRAM36 (36 Kib) equivalents (= ``bram_blocks`` on AMD parts)."""
         return self.bram_bits / BRAM36_BITS
 
-    def memory(self, kind: str | None = None) -> MemorySystem:
-        """The off-chip memory ``kind`` (default: the board's main memory); ValueError if absent."""
-        kind = kind or self.default_memory
+    @property
+    def memory_names(self) -> list[str]:
+        """Names of the board's memories, in file order."""
+        return [m.name for m in self.memories]
+
+    def memory(self, name: str | None = None) -> MemorySystem:
+        """The off-chip memory ``name`` (default: :attr:`default_memory`); ValueError listing the names if absent."""
+        name = name or self.default_memory
         for mem in self.memories:
-            if mem.kind == kind:
+            if mem.name == name:
                 return mem
-        allowed = ", ".join(m.kind for m in self.memories)
-        raise ValueError(f"device '{self.name}' has no '{kind}' memory; allowed: {allowed}")
+        raise ValueError(f"device '{self.name}' has no memory '{name}'; allowed: {', '.join(self.memory_names)}")
 
     def available(self) -> dict[str, float]:
         """Resources left to the accelerator after the shell: lut, ff, dsp, bram36, uram."""
@@ -190,13 +248,12 @@ class Device:
         }
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name, "vendor": self.vendor, "part": self.part, "lut": self.lut, "ff": self.ff,
-            "dsp": self.dsp, "dsp_kind": self.dsp_kind, "bram36": self.bram36, "uram": self.uram,
-            "memories": {m.kind: {"gbps": m.gbps, "gb": m.gb} for m in self.memories},
-            "default_memory": self.default_memory, "static_w": self.static_w,
-            "shell_overhead": self.shell_overhead, "source": self.source,
-        }
+        """Every field, memories in the devices-file form: ``parse_devices({'devices': {name: d}})`` with ``d`` this
+        mapping less ``name`` gives the device back."""
+        d = {"name": self.name}
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"})
+        d["memories"] = {m.name: m.to_dict() for m in self.memories}
+        return d
 
 
 @lru_cache(maxsize=None)
