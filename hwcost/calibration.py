@@ -44,6 +44,7 @@ module needs only numpy, pyyaml, the standard library and dse.plan.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from contextlib import contextmanager
@@ -496,10 +497,22 @@ def minimise_bounded(loss: Callable[[float], float], lo: float, hi: float, grid:
     return min([(values[best], xs[best]), (fc, c), (fd, d)])[1]
 
 
+_FITS: dict[tuple, dict[str, float]] = {}
+""":func:`fit` results by (left-out design, the constants they were fitted under): a table and its
+leave-one-out column reuse them; a change of any constant (override_constants) misses the cache."""
+
+
 def fit(exclude: str | None = None) -> dict[str, float]:
     """Recompute the fitted constants (calibration.yaml ``fit``, in order) from their designs, leaving out the
     design ``exclude``; each fit sees the earlier ones rounded to 3 significant digits, as they are stored.
     Returns unrounded values keyed by the :func:`fit_spec` paths (``also`` entries take the same values)."""
+    key = (exclude, json.dumps(constants(), sort_keys=True, default=str))
+    if key not in _FITS:
+        _FITS[key] = _fit(exclude)
+    return dict(_FITS[key])
+
+
+def _fit(exclude: str | None) -> dict[str, float]:
     fitted: dict[str, float] = {}
     for path, how in fit_spec().items():
         designs = [_designs()[d] for d in how["designs"] if d != exclude]

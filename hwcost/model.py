@@ -27,7 +27,7 @@ engine, whose attention lanes are bandwidth-matched to an FP16 cache,
 capped at C[attention_budget_cap] of either budget: they depend neither on the context nor on the
 KV bits, so fewer KV bits only remove memory cycles. The other engines share the rest by
     lanes_e = floor(s * sqrt(kept_e / p_e)),  p_e = theta * dsp_e / D + (1 - theta) * lut_e / L
-(Lagrange minimum of the step's compute sum_e kept_e / lanes_e; theta by grid + golden section,
+(Lagrange minimum of the step's compute sum_e kept_e / lanes_e; theta by nested grids,
 s the largest scale both budgets allow; at least 1 lane).
 
 Memories: the accelerator uses one or more of the device's memories (``memory: a+b``); memory i
@@ -468,7 +468,8 @@ class BatchReport:
 
 # ---------------------------------------------------------------------------- lane sizing
 _LANE_GUARD = 1e-9  # relative: a lane count a budget affords exactly is not lost to float rounding
-_GOLDEN_STEPS = 30
+_GRID_POINTS, _GRID_LEVELS = 17, 4
+"""theta search of :func:`size_lanes`: 4 nested 17-point grids, each 8x finer (theta to 1/8192)."""
 
 
 def _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta):
@@ -484,7 +485,7 @@ def _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta):
     sqrt_price = np.sqrt(np.maximum(theta * dsp_price + (1.0 - theta) * lut_price, 1e-300))
     raw = sqrt_kept / sqrt_price  # sqrt(kept / price) without overflow when the price is ~0
     use = np.maximum((dsp_price * raw).sum(-1), (lut_price * raw).sum(-1))
-    return raw / use[..., None], use * (sqrt_kept * sqrt_price).sum(-1)
+    return raw / np.where(use > 0, use, 1.0)[..., None], use * (sqrt_kept * sqrt_price).sum(-1)
 
 
 def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
@@ -495,8 +496,8 @@ def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
     time-multiplexed in sequence and the step's compute is sum_e kept_e / lanes_e. Minimising it
     under sum_e lanes_e * dsp_e <= D and sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp,
     0 for ternary; lut_e = lut_per_lane) gives lanes_e = s * sqrt(kept_e / p_e) with the price
-    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by a 17-point
-    grid and golden-section search (theta = 0 when no DSP engine is used), s the largest scale
+    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by four nested
+    17-point grids (theta = 0 when no DSP engine is used), s the largest scale
     both budgets allow. One engine gets min(D / dsp_e, L / lut_e). lanes_e = max(1, floor(x_e))
     for engines with kept MACs, 0 for the others. Every plan (row) is sized independently.
     """
@@ -510,17 +511,15 @@ def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
     def cost(theta: np.ndarray) -> np.ndarray:
         return _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta)[1]
 
-    grid = np.linspace(0.0, 1.0, 17)
-    best = cost(np.broadcast_to(grid, (len(kept), len(grid)))).argmin(1)
-    lo, hi = grid[np.maximum(best - 1, 0)], grid[np.minimum(best + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(_GOLDEN_STEPS):
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        ab = cost(np.stack([a, b], axis=1))
-        left = ab[:, 0] <= ab[:, 1]
-        hi, lo = np.where(left, b, hi), np.where(left, lo, a)
-    candidates = np.stack([lo, hi, grid[best]], axis=1)
-    theta = np.where(uses_dsp, candidates[rows, cost(candidates).argmin(1)], 0.0)
+    lo, hi = np.zeros(len(kept)), np.ones(len(kept))
+    steps = np.linspace(0.0, 1.0, _GRID_POINTS)
+    for _ in range(_GRID_LEVELS):  # nested grids: each level spans the best point's neighbours of the last
+        thetas = lo[:, None] + (hi - lo)[:, None] * steps
+        best = cost(thetas).argmin(1)
+        width = (hi - lo) / (_GRID_POINTS - 1)
+        theta = thetas[rows, best]
+        lo, hi = np.maximum(theta - width, 0.0), np.minimum(theta + width, 1.0)
+    theta = np.where(uses_dsp, theta, 0.0)
     lanes = _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta[:, None])[0][:, 0, :]
     return np.where(active, np.maximum(1, np.floor(np.where(active, lanes, 0.0) * (1 + _LANE_GUARD))), 0).astype(int)
 

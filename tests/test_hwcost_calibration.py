@@ -40,11 +40,18 @@ def test_every_design_and_reported_figure_has_a_row():
     published = yaml.safe_load((DATA_DIR / "published_fpga.yaml").read_text())
     expected = {(d["id"], metric) for d in published["designs"] for metric in d["reported"]}
     assert expected <= {(row.design, row.metric) for row in ROWS}
-    tolerances = {(row.design, row.metric): row.tolerance for row in ROWS}
-    assert tolerances[("flightllm-u280-llama2-7b", "decode_tokens_per_s")] == 0.20
-    assert tolerances[("kv260-llama2-7b-w4a16", "decode_tokens_per_s")] == 0.20
-    assert tolerances[("matmulfree-d5005-1p3b", "decode_tokens_per_s")] == 0.30
-    assert tolerances[("matmulfree-d5005-1p3b", "power_w")] == 0.30
+    tolerances = {(row.design, row.metric): (row.tolerance, row.loo_tolerance) for row in ROWS}
+    confidence = {d["id"]: d.get("confidence", "high") for d in published["designs"]}
+    for (design, metric), (tol, loo) in tolerances.items():  # the issue's targets for high/medium confidence
+        if metric == "decode_tokens_per_s" and confidence[design] in ("high", "medium") and tol is not None:
+            assert (tol, loo) == (0.15, 0.25), design
+        if metric == "power_w" and tol is not None:
+            assert (tol, loo) == (0.30, 0.30), design
+    for design in ("flightllm-u280-llama2-7b", "kv260-llama2-7b-w4a16", "llama-fpga-u250-llama2-7b-int4",
+                   "llama-fpga-zcu104-pl-llama2-7b-int4", "hummingbird-kv260-llama3-8b"):
+        assert tolerances[(design, "decode_tokens_per_s")] == (0.15, 0.25), design
+    for design in ("flightllm-u280-llama2-7b", "kv260-llama2-7b-w4a16", "matmulfree-d5005-1p3b"):
+        assert tolerances[(design, "power_w")] == (0.30, 0.30), design
     for metric in ("matmul_speedup_4096", "llama7b_throughput_per_token"):  # GPU figures: printed, no prediction
         row = next(r for r in ROWS if r.metric == metric)
         assert row.predicted is None and row.tolerance is None and row.passed is None
@@ -85,14 +92,15 @@ def test_designs_reproduce_the_published_shapes():
     matmulfree = designs["matmulfree-d5005-1p3b"]
     from hwcost import estimate
     report = estimate(matmulfree.plan, matmulfree.workload, matmulfree.accel)
-    assert [(e.kernel, e.lanes) for e in report.engines] == [("ternary", 512)]
+    assert [(e.kernel, e.lanes, e.fixed) for e in report.engines] == [("ternary", 512, True)]
     assert all(lp.fmt.is_ternary for lp in matmulfree.plan.layers)
     assert matmulfree.accel.clock_mhz == 60 and designs["kv260-llama2-7b-w4a16"].accel.clock_mhz == 300
 
 
 NEW_MODELLED = {"llama-fpga-u250-llama2-7b-int4": ("decode_tokens_per_s",),
+                "llama-fpga-zcu104-pl-llama2-7b-int4": ("decode_tokens_per_s",),
                 "hummingbird-kv260-llama3-8b": ("decode_tokens_per_s", "model_bandwidth_utilisation")}
-NOT_MODELLED = ("llama-fpga-zcu104-pl-llama2-7b-int4", "tereffic-v1-hbm-mmfreelm-2p7b", "tellme-v1-kv260-ternary")
+NOT_MODELLED = ("tereffic-v1-hbm-mmfreelm-2p7b", "tellme-v1-kv260-ternary")
 
 
 def test_every_published_design_has_an_entry_and_is_printed(capsys):
@@ -127,10 +135,10 @@ def test_every_published_design_has_an_entry_and_is_printed(capsys):
 def test_new_designs_modelled_or_not_modelled():
     rows = {(r.design, r.metric): r for r in ROWS}
     for design_id, metrics in NEW_MODELLED.items():
-        for metric in metrics:  # reproduced from the published parameters; printed, not tested (no confidence rule)
+        for metric in metrics:  # reproduced from the published parameters; the decode rates are tested
             row = rows[(design_id, metric)]
             assert row.predicted is not None and row.residual is not None, (design_id, metric)
-            assert row.tolerance is None and row.passed is None
+            assert (row.tolerance is not None) == (metric == "decode_tokens_per_s")
     assert rows[("hummingbird-kv260-llama3-8b", "lut_dsp_power_vs_prior")].note.startswith(calibration.NOT_MODELLED)
     for design_id in NOT_MODELLED:
         design = calibration.build_design(design_id)
@@ -143,28 +151,60 @@ def test_new_designs_modelled_or_not_modelled():
     assert {lp.fmt.bits for lp in u250.plan.layers} == {4}
     hb = calibration.build_design("hummingbird-kv260-llama3-8b")
     assert (hb.workload.kv_heads, hb.workload.vocab, hb.accel.device) == (8, 128256, "kria-kv260")
+    zcu = calibration.build_design("llama-fpga-zcu104-pl-llama2-7b-int4")
+    assert (zcu.accel.device, zcu.accel.clock_mhz, zcu.accel.memory_names) == ("zcu104", 266.5, ["pl_ddr4"])
 
 
 def test_override_constants_restores():
     c = constants()
-    before = (c["fpga_overhead"], c["mem_efficiency"]["hbm2"])
-    with override_constants({"fpga_overhead": 1.5, "mem_efficiency.hbm2": 0.5}) as inside:
-        assert inside is constants() and constants()["fpga_overhead"] == 1.5
+    before = (c["power"]["dynamic_scale"], c["mem_efficiency"]["hbm2"])
+    with override_constants({"power.dynamic_scale": 1.5, "mem_efficiency.hbm2": 0.5}) as inside:
+        assert inside is constants() and constants()["power"]["dynamic_scale"] == 1.5
         assert constants()["mem_efficiency"]["hbm2"] == 0.5
-    assert (c["fpga_overhead"], c["mem_efficiency"]["hbm2"]) == before
+    assert (c["power"]["dynamic_scale"], c["mem_efficiency"]["hbm2"]) == before
     with pytest.raises(KeyError):
-        with override_constants({"fpga_overhead": 2.0, "no_such_constant": 1}):
+        with override_constants({"power.dynamic_scale": 2.0, "no_such_constant": 1}):
             pass
-    assert c["fpga_overhead"] == before[0]
+    assert c["power"]["dynamic_scale"] == before[0]
 
 
 def test_stored_constants_equal_fit(fitted):
     stored = calibration.stored_constants()
-    assert set(fitted) == set(calibration.FITTED_KEYS)
+    assert set(fitted) == set(calibration.fit_spec()) == {"mem_efficiency.ddr4", "power.dynamic_scale"}
     for key, value in fitted.items():
         assert stored[key] == pytest.approx(value, rel=0.01), key
-    assert 0 < fitted["mem_efficiency.hbm2"] <= 1
-    assert 1 <= fitted["fpga_overhead"] <= 100
+        lo, hi = calibration.fit_spec()[key]["range"]
+        assert lo <= value <= hi
+    for also in calibration.fit_spec()["mem_efficiency.ddr4"]["also"]:  # the DDR family shares the value
+        assert calibration._get(also) == stored["mem_efficiency.ddr4"]
+
+
+def test_fit_reproduces_a_single_design():
+    """With one design in the fit, the log loss is zero at the fitted value inside the range: the minimiser
+    finds the efficiency whose prediction equals the reported rate (checked by re-estimating)."""
+    design = calibration.build_design("kv260-llama2-7b-w4a16")
+    loss = calibration.log_loss([design], "decode_tokens_per_s", "mem_efficiency.ddr4")
+    x = calibration.minimise_bounded(loss, 0.6, 0.95)
+    from hwcost import estimate
+    with override_constants({"mem_efficiency.ddr4": x}):
+        rate = estimate(design.plan, design.workload, design.accel).decode_tokens_per_s
+    assert rate == pytest.approx(4.9, rel=1e-4)
+    assert calibration.minimise_bounded(lambda v: (v - 0.3) ** 2, 0.5, 2.0) == pytest.approx(0.5)  # a bound
+
+
+def test_leave_one_out():
+    """A design outside every fit has its all-in prediction as LOO; one inside a fit is predicted by constants
+    fitted without it (the fit really changes), and a constant left without designs takes its prior."""
+    rows = {(r.design, r.metric): r for r in ROWS}
+    flight = rows[("flightllm-u280-llama2-7b", "decode_tokens_per_s")]
+    assert flight.loo_predicted == pytest.approx(flight.predicted)  # FlightLLM is in no rate fit
+    kv = rows[("kv260-llama2-7b-w4a16", "power_w")]
+    assert kv.loo_predicted != pytest.approx(kv.predicted)
+    without = calibration.fit(exclude="kv260-llama2-7b-w4a16")
+    assert without["power.dynamic_scale"] != pytest.approx(calibration.fit()["power.dynamic_scale"])
+    for d in calibration.fit_spec()["mem_efficiency.ddr4"]["designs"]:
+        assert calibration.fit(exclude=d)["mem_efficiency.ddr4"] != calibration.fit()["mem_efficiency.ddr4"]
+    assert all(r.loo_residual is not None for r in ROWS if r.tolerance is not None)
 
 
 @pytest.mark.skipif(not SHARED_PUBLISHED.is_file(), reason=f"no shared calibration file at {SHARED_PUBLISHED}")
@@ -180,8 +220,8 @@ def test_cli_calibrate_table(capsys):
     assert code == 0, out + err
     for design_id in calibration.design_ids():
         assert design_id in out
-    assert out.splitlines()[0].split()[:7] == ["design", "metric", "reported", "predicted", "residual",
-                                               "tolerance", "result"]
+    assert out.splitlines()[0].split()[:9] == ["design", "metric", "reported", "predicted", "residual", "LOO",
+                                               "predicted", "LOO", "residual"]
     assert "FAIL" not in out and "PASS" in out
 
 
@@ -193,14 +233,13 @@ def test_cli_calibrate_json(capsys):
     assert [CalibrationRow(**row) for row in rows] == ROWS
 
 
-def test_cli_calibrate_fit(capsys, fitted, monkeypatch):
-    monkeypatch.setattr(calibration, "fit", lambda: fitted)  # the module fixture's result (fit() takes ~1 s)
+def test_cli_calibrate_fit(capsys, fitted):
     code = main(["hwcost", "calibrate", "--fit"])
     out, _ = capsys.readouterr()
     assert code == 0
-    assert "mem_efficiency.hbm2" in out and "fpga_overhead" in out
+    assert "mem_efficiency.ddr4" in out and "power.dynamic_scale" in out
     data = json.loads((main(["hwcost", "calibrate", "--fit", "--json"]), capsys.readouterr().out)[1])
-    assert data["fit"]["fpga_overhead"]["stored"] == constants()["fpga_overhead"]
+    assert data["fit"]["power.dynamic_scale"]["stored"] == constants()["power"]["dynamic_scale"]
 
 
 def test_cli_calibrate_exits_1_on_a_failing_check(capsys, monkeypatch):
