@@ -495,22 +495,46 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
                                problem=problem)
         if bp.mixer == "mlgru":
             mlgru.add(bp.index)
-    base = _linear_layers(workload, workload.native_mlgru_blocks())
-    names = {layer.name for layer in base} | {layer.name for b in mlgru for layer in workload.mlgru_layers(b)}
+    base = _base_names(workload)
+    substituted = _mlgru_blocks_of(workload)  # MLGRU projection name -> its block
     for lp in plan.layers:
-        if lp.name not in names:
+        if lp.name not in base and substituted.get(lp.name, -1) not in mlgru:
             hint = (" (an MLGRU projection needs its block's mixer set to mlgru)"
                     if lp.name in _layer_names(workload) else "")
-            example = base[0].name
+            example = next(iter(_linear_layers(workload, workload.native_mlgru_blocks()))).name
             raise PlanMismatch(f"plan layer '{lp.name}' is not a linear layer of the workload (e.g. '{example}', "
                                f"'lm_head'){hint}", layer=lp.name, field="name",
                                problem=f"is not in the workload ({n} blocks){hint}")
     widths = _widths(workload)
-    for name, lp in workload.effective_plan(plan).items():
+    checked = [(lp.name, lp) for lp in plan.layers]
+    if mlgru and workload.token_mixer == "attention":  # substituted projections the plan does not name inherit
+        named = {lp.name for lp in plan.layers}
+        counterpart = _counterparts(workload)
+        checked += [(name, plan.layer(counterpart[name])) for name, block in substituted.items()
+                    if block in mlgru and name not in named]
+    for name, lp in checked:
         if lp.sparsity is not None and widths[name] % lp.sparsity.m:
             raise PlanMismatch(f"layer {name}: M={lp.sparsity.m} does not divide in_features {widths[name]}",
                                layer=name, sparsity=lp.sparsity, field="sparsity",
                                problem=f"M={lp.sparsity.m} does not divide in_features {widths[name]} of {name}")
+
+
+@lru_cache(maxsize=64)
+def _base_names(workload: Workload) -> frozenset[str]:
+    """Names of the linear layers of the model's own architecture (its native MLGRU blocks included)."""
+    return frozenset(layer.name for layer in _linear_layers(workload, workload.native_mlgru_blocks()))
+
+
+@lru_cache(maxsize=64)
+def _mlgru_blocks_of(workload: Workload) -> dict[str, int]:
+    """Every MLGRU projection name a plan may set -> its block (do not mutate)."""
+    return {layer.name: i for i in range(workload.num_layers) for layer in workload.mlgru_layers(i)}
+
+
+@lru_cache(maxsize=64)
+def _counterparts(workload: Workload) -> dict[str, str]:
+    """Substituted MLGRU projection -> the attention layer whose plan it inherits (do not mutate)."""
+    return {name: workload.mlgru_counterpart(name) for name in _mlgru_blocks_of(workload)}
 
 
 @lru_cache(maxsize=256)

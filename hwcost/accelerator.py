@@ -141,16 +141,6 @@ class Accelerator:
     #: tokens of the prompt for the prefill latency
     prompt_length: Int(1) = 128
 
-    @model_validator(mode="before")
-    @classmethod
-    def _weights_alias(cls, data):
-        """``weights: streamed|resident`` (specs of earlier versions) is ``resident: none|all``. The schema's own
-        before-validator (unknown keys) runs first, so a mapping is translated in :meth:`from_dict`; this one
-        translates constructor keywords (``Accelerator("zcu102", weights="streamed")``)."""
-        if type(data).__name__ == "ArgsKwargs" and "weights" in (data.kwargs or {}):
-            return type(data)(data.args, _resident_of_weights(data.kwargs))
-        return _resident_of_weights(data) if isinstance(data, dict) else data
-
     @model_validator(mode="after")
     def _memory(self):
         names = [m.name for m in get_device(self.device).memories]
