@@ -177,9 +177,11 @@ def storage_bits_arrays(in_features, out_features, n, m, bits, group, scales_per
     n = np.asarray(n, dtype=float)
     groups = np.ceil(in_features / m)  # groups of M along the input (the last one may be partial)
     kept = np.minimum(in_features, groups * n)
-    values = np.where(base3, np.ceil(kept / TRITS_PER_BYTE) * 8 * out_features, kept * out_features * bits)
+    values = kept * out_features * bits
+    if np.any(base3):
+        values = np.where(base3, np.ceil(kept / TRITS_PER_BYTE) * 8 * out_features, values)
     scales_per = np.asarray(scales_per)
-    per_group = scale_bits + np.where(zero_points, bits, 0.0)
+    per_group = scale_bits + np.where(zero_points, bits, 0.0) if np.any(zero_points) else scale_bits
     scales = np.where(scales_per == SCALES_GROUP, np.ceil(kept / group) * out_features * per_group,
                       (scales_per == SCALES_TENSOR) * scale_bits)
     select_bits = np.ceil(np.log2(np.arange(1, int(m.max()) + 1)))  # ceil(log2 M) by table: M takes few values

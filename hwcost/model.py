@@ -205,7 +205,8 @@ class PlanBatch:
     """``P`` plans of one workload as arrays over the :class:`Layout` rows ``R`` and blocks.
 
     ``kernel`` [P, R]: index into :data:`hwcost.kernels.KERNELS`; ``n``, ``m`` [P, R]: N:M
-    (dense 1, 1), integers; ``group`` [P, R]: INT group size (float array); ``mlgru`` [P, blocks]: the block's mixer is an
+    (dense 1, 1), integers; ``group`` [P, R]: INT group size (float array; :meth:`empty` makes small dtypes,
+    int8/int16/float32, which keeps the batch path's gathers fast); ``mlgru`` [P, blocks]: the block's mixer is an
     MLGRU; ``zero`` [P, R]: asymmetric INT (a zero point per group; default none). An MLGRU projection's entries are used only when its block is an MLGRU, an attention
     projection's only when it is not. Build one with :meth:`from_plans`, or fill the arrays directly
     (a search can map its choices to them without building :class:`ModelPlan` objects).
@@ -231,8 +232,8 @@ class PlanBatch:
         """``size`` plans with every layer FP16 dense and the model's own mixer in every block."""
         lay = layout(workload)
         shape = (size, len(lay.layers))
-        return PlanBatch(workload, np.full(shape, _FP16), np.ones(shape, dtype=int), np.ones(shape, dtype=int),
-                         np.full(shape, float(FP16.group_size)),
+        return PlanBatch(workload, np.full(shape, _FP16, dtype=np.int8), np.ones(shape, dtype=np.int16),
+                         np.ones(shape, dtype=np.int16), np.full(shape, float(FP16.group_size), dtype=np.float32),
                          np.full((size, workload.num_layers), not lay.has_attention))
 
     @staticmethod
@@ -468,8 +469,8 @@ class BatchReport:
 
 # ---------------------------------------------------------------------------- lane sizing
 _LANE_GUARD = 1e-9  # relative: a lane count a budget affords exactly is not lost to float rounding
-_GRID_POINTS, _GRID_LEVELS = 17, 4
-"""theta search of :func:`size_lanes`: 4 nested 17-point grids, each 8x finer (theta to 1/8192)."""
+_GRID_POINTS, _GRID_LEVELS = 9, 6
+"""theta search of :func:`size_lanes`: 6 nested 9-point grids, each 4x finer (theta to 1/8192)."""
 
 
 def _sqrt_lanes(sqrt_kept, dsp_price, lut_price, theta):
@@ -496,8 +497,8 @@ def size_lanes(kept: np.ndarray, dsp_cost: np.ndarray, lut_cost: np.ndarray,
     time-multiplexed in sequence and the step's compute is sum_e kept_e / lanes_e. Minimising it
     under sum_e lanes_e * dsp_e <= D and sum_e lanes_e * lut_e <= L (dsp_e = 1 / macs_per_dsp,
     0 for ternary; lut_e = lut_per_lane) gives lanes_e = s * sqrt(kept_e / p_e) with the price
-    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by four nested
-    17-point grids (theta = 0 when no DSP engine is used), s the largest scale
+    p_e = theta * dsp_e / D + (1 - theta) * lut_e / L (Lagrange); theta in [0, 1] by six nested
+    9-point grids (theta = 0 when no DSP engine is used), s the largest scale
     both budgets allow. One engine gets min(D / dsp_e, L / lut_e). lanes_e = max(1, floor(x_e))
     for engines with kept MACs, 0 for the others. Every plan (row) is sized independently.
     """
@@ -758,14 +759,16 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
 
     # -- the rows of each plan (one per layout slot: the mixer's by its block's mixer), their choices
     R = len(lay.layers)
-    rows = np.where(batch.mlgru[:, lay.slot_block], lay.slot_mlgru, lay.slot_attention)  # [P, S]; R: no row
+    in_mlgru = batch.mlgru[:, lay.slot_block]
+    rows = np.where(in_mlgru, lay.slot_mlgru, lay.slot_attention)  # [P, S]; R: no row
     present = rows < R
     rows_c = np.minimum(rows, R - 1)
-    kernel, n, m, group, zero = (np.take_along_axis(a, rows_c, 1)
-                                 for a in (batch.kernel, batch.n, batch.m, batch.group, batch.zero))
+    att_c, mlgru_c = np.minimum(lay.slot_attention, R - 1), np.minimum(lay.slot_mlgru, R - 1)
+    kernel, n, m, group = (np.where(in_mlgru, a[:, mlgru_c], a[:, att_c])  # column gathers, then a select
+                           for a in (batch.kernel, batch.n, batch.m, batch.group))
+    zero = np.where(in_mlgru, batch.zero[:, mlgru_c], batch.zero[:, att_c]) if batch.zero.any() else False
     in_f, out_f = (np.append(x, 0.0)[rows] for x in (lay.in_f, lay.out_f))
-    m_fails = lay.in_f % np.arange(1, int(m.max()) + 1)[:, None] != 0  # [M, R]: M does not divide in_features
-    bad = m_fails[m - 1, rows_c] & present
+    bad = (np.mod(in_f, m) != 0) & present  # M does not divide in_features
     if bad.any():
         p, r = np.argwhere(bad)[0]
         raise ValueError(f"layer {lay.layers[rows[p, r]].name}: M={m[p, r]} does not divide in_features "
@@ -791,12 +794,13 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     has_attn = n_attn > 0
 
     eng = _engines(batch, kernel, n, m, on_fpga, kept, kept_row, accel, has_attn)
-    lanes_row = np.take_along_axis(eng.lanes, np.maximum(eng.of_row, 0), axis=1)
+    lanes_row = eng.lanes[np.arange(nP)[:, None], np.maximum(eng.of_row, 0)]
     work = kept
     if accel.ternary_engine == "table_lookup":  # the lookup tables are built on the same lanes
         work = kept + np.where(ternary & on_fpga, B * kernels.table_build_macs(in_f), 0.0)
     compute = work / np.maximum(lanes_row, 1)  # 0 in empty slots (no kept MACs)
-    resident = _resident_rows(w, accel.resident)[rows_c] & on_fpga
+    resident = _resident_rows(w, accel.resident)[rows_c] & on_fpga if accel.resident != "none" \
+        else np.zeros(rows.shape, dtype=bool)
     read = np.where(resident | ~on_fpga, 0.0, nbytes)
     row_fixed = float(timing["row_overhead_cycles"])
     fixed = np.where(on_fpga, row_fixed, 0.0)
@@ -879,7 +883,7 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
             "dsp": eng.dsp.sum(1) + infra["dsp"] + vunit["dsp"],
             "bram36": infra["bram36"] + np.ceil(buffer_bits / BRAM36_BITS), "uram": np.zeros(nP)}
     avail = dev.available()
-    resident_bytes = np.where(resident, nbytes, 0.0).sum(1)
+    resident_bytes = (resident * nbytes).sum(1)
     uram_bits = accel.uram_share * avail["uram"] * URAM_BITS
     bram_bits = accel.bram_share * avail["bram36"] * BRAM36_BITS
     buffer_cap = float(accel.weight_buffer_bytes) if accel.weight_buffer_bytes is not None \
@@ -913,10 +917,8 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     total_bps = sum(mem_bps.values())
     offchip_j = sum(power.offchip_energy_j(offchip_bytes * mem_bps[mem.name] / total_bps, mem.kind) for mem in mems)
     act_traffic = (B * act_bytes * (in_f + out_f) * on_fpga).sum(1)
-    resident_read = np.where(resident, nbytes, 0.0).sum(1)
-    in_uram_read = np.minimum(resident_read * 8, uram_bits)
-    onchip_j = (power.onchip_energy_j(in_uram_read, "uram", dev.fabric)
-                + power.onchip_energy_j(resident_read * 8 - in_uram_read + act_traffic * 8, "bram36", dev.fabric))
+    onchip_j = (power.onchip_energy_j(in_uram, "uram", dev.fabric)  # the resident weights, read once per step
+                + power.onchip_energy_j(resident_bytes * 8 - in_uram + act_traffic * 8, "bram36", dev.fabric))
     energy = {"static": watts["static"] * step_s, "dynamic": watts["dynamic"] * step_s,
               "offchip": offchip_j * np.ones(nP), "onchip": onchip_j * np.ones(nP),
               "host": accel.host_w * host_s}
@@ -960,10 +962,12 @@ def estimate_batch(batch: PlanBatch, accel: Accelerator | list[Accelerator]) -> 
         return _batch_report(_core(batch, accel), accel)
     if len(accel) != len(batch):
         raise ValueError(f"estimate_batch: {len(accel)} accelerators for {len(batch)} plans")
-    keys = [json.dumps(a.to_dict(), sort_keys=True) for a in accel]
+    key_of: dict[int, str] = {}  # one key per distinct object: equal designs built separately group together
     groups: dict[str, list[int]] = {}
-    for p, key in enumerate(keys):
-        groups.setdefault(key, []).append(p)
+    for p, a in enumerate(accel):
+        if id(a) not in key_of:
+            key_of[id(a)] = json.dumps(a.to_dict(), sort_keys=True)
+        groups.setdefault(key_of[id(a)], []).append(p)
     parts = [(np.array(index), _batch_report(_core(_subset(batch, np.array(index)), accel[index[0]]),
                                              accel[index[0]])) for index in groups.values()]
     out = {}

@@ -26,7 +26,7 @@ def test_tables_cover_every_fabric_and_memory_kind():
         assert set(p["dynamic_uw_per_mhz"][fabric]) == {"lut", "ff", "dsp", "bram36", "uram", "clock_per_ff"}
         assert set(p["onchip_pj_per_bit"][fabric]) == {"bram36", "uram"}
         assert all(v > 0 for v in p["dynamic_uw_per_mhz"][fabric].values())
-    assert p["reference_toggle"] == 0.125 and p["dynamic_scale"] == 1.0
+    assert p["reference_toggle"] == 0.125 and 0.5 <= p["dynamic_scale"] <= 2.0  # fitted in calibration's range
 
 
 def test_hand_worked_breakdown_ultrascale_plus():
@@ -137,8 +137,8 @@ def test_scalar_counts_broadcast_against_array_clock():
 
 
 def test_one_gb_of_ddr4():
-    # 1 GB = 1e9 bytes = 8e9 bits, at the ddr4 figure of 28 pJ/bit
-    assert float(power.offchip_energy_j(1e9, "ddr4")) == pytest.approx(8e9 * 28e-12)  # = 0.224 J
+    # 1 GB = 1e9 bytes = 8e9 bits, at the ddr4 figure of 20 pJ/bit (Horowitz: 640 pJ per 32-bit DRAM access)
+    assert float(power.offchip_energy_j(1e9, "ddr4")) == pytest.approx(8e9 * 20e-12)  # = 0.16 J
     for kind in KINDS:
         pj = constants()["offchip_pj_per_bit"][kind]
         assert float(power.offchip_energy_j(1e9, kind)) == pytest.approx(8e9 * pj * 1e-12)
