@@ -45,7 +45,7 @@ def uniform(workload: Workload, fmt: str, sparsity: Sparsity | None = None, grou
                                   for layer in workload.linear_layers() if lm_head or layer.block is not None))
 
 
-KV260 = Accelerator("kria-kv260", clock_mhz=300, weights="streamed")
+KV260 = Accelerator("kria-kv260", clock_mhz=300, resident="none")
 
 
 # ------------------------------------------------------------------ workload
@@ -120,10 +120,17 @@ def test_index_bits_per_pattern():
 
 
 def test_ternary_storage_defaults():
-    c = constants()
-    assert c["ternary"]["bits_per_weight"] == 2 and c["ternary"]["packed_bits_per_weight"] == 1.6
+    from hwcost import kernels
+
+    assert kernels.TERNARY_CODE_BITS == 2 and kernels.TRITS_PER_BYTE == 5  # 3^5 = 243 <= 256
+    assert kernels.value_bits(WeightFormat("ternary")) == 2 and kernels.value_bits(WeightFormat("ternary"),
+                                                                                   "base3") == 8 / 5
     bits = storage_bits(1024, 1024, None, WeightFormat("ternary"))
     assert bits["values"] == 1024 * 1024 * 2 and bits["scales"] == 16  # one FP16 scale per tensor
+    # base-3 packing (ternary_storage: base3): ceil(1024 / 5) = 205 bytes per row of 1024 weights
+    packed = storage_bits(1024, 1024, None, WeightFormat("ternary"), "base3")
+    assert packed["values"] == 205 * 8 * 1024 and packed["scales"] == 16
+    assert Accelerator("kria-kv260").ternary_storage == "2bit"  # the default stays 2-bit codes
 
 
 # ------------------------------------------------------------------ devices and accelerator
@@ -148,7 +155,9 @@ def test_bad_device_name_lists_allowed():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"weights": "x"}, r"^hardware\.weights: 'x' is not one of streamed, resident$"),
+    ({"weights": "x"}, r"^hardware\.weights: 'x' is not one of streamed, resident \(or use resident: "),
+    ({"resident": "("}, r"^hardware\.resident: '\(' is not a regular expression "),
+    ({"kv_bits": 3}, r"^hardware\.kv_bits: 3 is not one of 16, 8, 4$"),
     ({"clock_mhz": -5}, r"^hardware\.clock_mhz: "),
     ({"dsp_share": 1.5}, r"^hardware\.dsp_share: 1\.5 is not in \(0, 1\]$"),
     ({"batch": 0}, r"^hardware\.batch: "),
@@ -162,19 +171,44 @@ def test_accelerator_validation(bad, message):
 
 def test_accelerator_defaults():
     a = Accelerator.from_dict({"device": "kria-kv260", "clock_mhz": 300})
-    assert a.efficiency == 0.85 and a.batch == 1 and a.context_length == 512 and a.prompt_length == 128
-    assert Accelerator("alveo-u280").efficiency == constants()["mem_efficiency"]["hbm2"]  # fitted (calibration)
-    assert a.bytes_per_cycle == pytest.approx(19.2e9 * 0.85 / 300e6)
+    eff = constants()["mem_efficiency"]["ddr4"]  # fitted (calibration)
+    assert a.efficiency(a.dev.memory()) == eff and a.batch == 1 and a.context_length == 512
+    assert a.prompt_length == 128 and a.resident == "none" and a.kv_bits == 16 and a.attention_window is None
+    assert (a.ternary_engine, a.ternary_storage, a.embedding, a.lm_head) == ("adder_tree", "2bit", "fpga", "fpga")
+    u280 = Accelerator("alveo-u280")
+    assert u280.efficiency(u280.dev.memory()) == constants()["mem_efficiency"]["hbm2"]  # fitted (calibration)
+    # KV260 DDR4: min(19.2 GB/s * eff, 4 HP ports x 128 bits / 8 x 300 MHz = 19.2 GB/s) -> the DRAM side
+    assert a.bytes_per_cycle == pytest.approx(min(19.2e9 * eff, 4 * 128 / 8 * 300e6) / 300e6)
+    assert Accelerator("kria-kv260", mem_efficiency=0.5).bytes_per_cycle == pytest.approx(19.2e9 * 0.5 / 300e6)
+    # the old weights: streamed|resident is resident: none|all (specs of earlier versions)
+    assert Accelerator.from_dict({"device": "kria-kv260", "weights": "resident"}).resident == "all"
+    assert Accelerator.from_dict({"device": "kria-kv260", "weights": "streamed"}).resident == "none"
 
 
 # ------------------------------------------------------------------ estimate
 def test_memory_bound_decode_matches_hand_arithmetic(smol):
     r = estimate(ModelPlan(), smol, KV260)
-    assert all(row.bound == "memory" for row in r.layers)
+    # every datapath row is memory-bound; the vector-unit rows (norms, SiLU, rotary) read nothing off-chip
+    assert all(row.bound == "memory" for row in r.layers if row.kernel != "vector unit")
+    assert all(row.memory_bytes == 0 and row.bound == "compute" for row in r.layers if row.kernel == "vector unit")
     linear = 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536) + 576 * 49152
     kv = 30 * 2 * 3 * 64 * 512 * 2
     step_bytes = 2 * linear + 2 * 576 + kv  # FP16 weights, one FP16 embedding row, FP16 KV cache
-    expected_ms = step_bytes / (19.2e9 * 0.85) * 1e3
+    vu = constants()["vector_unit"]
+    fixed = constants()["timing"]["row_overhead_cycles"]  # 64 per dependent row
+    op, lanes = vu["op_latency_cycles"], vu["lanes"]      # 40 cycles per vector operation, 16 lanes
+    rows = 1 + 30 * 7 + 1                                 # embedding, 7 projections per block, lm_head
+    # attention row: fixed + one vector op + softmax heads * L * 3 / 16 = 64 + 40 + 9 * 512 * 3 / 16 = 968
+    attention = fixed + op + 9 * 512 * vu["softmax_ops_per_score"] / lanes
+    # vector row per block: (2 norms * 576 * 4 + 1536 * (4 + 1 GLU) + (9 + 3) * 64 * 3 rotary) / 16 + 4 ops * 40
+    #   = (4608 + 7680 + 2304) / 16 + 160 = 1072; final norm 576 * 4 / 16 + 40 = 184
+    vector = ((2 * 576 * vu["norm_ops_per_channel"] + 1536 * (vu["activation_ops_per_channel"] + 1)
+               + 12 * 64 * vu["rope_ops_per_value"]) / lanes + vu["ops_per_block"] * op)
+    final = 576 * vu["norm_ops_per_channel"] / lanes + op
+    assert (attention, vector, final) == (968, 1072, 184)
+    bandwidth = min(19.2e9 * constants()["mem_efficiency"]["ddr4"], 4 * 128 / 8 * 300e6)  # DRAM or HP ports
+    step_cycles = step_bytes / (bandwidth / 300e6) + rows * fixed + 30 * (attention + vector) + final
+    expected_ms = step_cycles / 300e6 * 1e3
     assert r.decode_ms_per_token == pytest.approx(expected_ms, rel=1e-9)
     assert r.decode_tokens_per_s == pytest.approx(1e3 / expected_ms, rel=1e-9)
     assert r.weight_bytes_total == 2 * linear - 2 * 576 * 49152 + 2 * 576 * 49152  # tied lm_head stored once
@@ -201,7 +235,7 @@ def test_ternary_uses_no_dsp(smol):
     r = estimate(plan, smol, KV260)
     assert [e.kernel for e in r.engines] == ["ternary"]
     assert r.engines[0].dsp == 0 and r.engines[0].lanes > 0
-    sfu, infra = constants()["special_function_unit"], constants()["infrastructure"]
+    sfu, infra = constants()["vector_unit"], constants()["infrastructure"]
     assert r.resources["dsp"] == sfu["dsp"] + infra["dsp"]  # only the fixed vector unit uses DSPs
 
 
@@ -217,18 +251,22 @@ def test_mlgru_block_has_no_kv_bytes(smol):
 
 
 def test_resident_weights_too_large_do_not_fit(smol):
-    a = Accelerator("kria-kv260", clock_mhz=300, weights="resident")
+    a = Accelerator("kria-kv260", clock_mhz=300, resident="all")
     r = estimate(uniform(smol, "4"), smol, a)
-    assert not r.fits and "bram36" in r.violations and r.constraint_violation > 0
+    assert not r.fits and {"bram36", "weight_buffer"} <= set(r.violations) and r.constraint_violation > 0
     # ~70 MB of INT4 weights vs 144 x 36 Kib + 64 x 288 Kib (~2.9 MB) on chip
     on_chip = (144 * 36 + 64 * 288) * 1024 / 8
     assert r.weight_bytes_breakdown["linear"] + r.weight_bytes_breakdown["lm_head"] > 20 * on_chip
+    # the weight buffer: bram_share = uram_share = 0.7 of them; every linear layer resident
+    assert r.weight_buffer_bytes == int(0.7 * on_chip) == 2115993
+    assert r.resident_bytes == r.weight_bytes_breakdown["linear"] + r.weight_bytes_breakdown["lm_head"]
+    assert r.constraint_violation >= r.resident_bytes / (0.7 * on_chip) - 1
 
 
 def test_small_model_resident_fits():
     tiny = Workload.from_hf_config({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 256,
                                     "num_attention_heads": 4, "intermediate_size": 512, "vocab_size": 1000})
-    r = estimate(uniform(tiny, "4"), tiny, Accelerator("alveo-u280", clock_mhz=250, weights="resident"))
+    r = estimate(uniform(tiny, "4"), tiny, Accelerator("alveo-u280", clock_mhz=250, resident="all"))
     assert r.fits and r.violations == [] and r.constraint_violation == 0.0
     assert r.resources["uram"] > 0
     assert all(row.memory_bytes == 0 for row in r.layers if row.weight_bytes)
@@ -275,7 +313,7 @@ def test_kv260_llama2_7b_w4_near_published(llama7b):
           f"(published 4.9 tokens/s, 6.57 W)")
     assert r.fits
     assert 3.5 <= r.decode_tokens_per_s <= 6.5
-    assert all(row.bound == "memory" for row in r.layers)
+    assert all(row.bound == "memory" for row in r.layers if row.kernel != "vector unit")
 
 
 def test_u280_flightllm_like_broad_band(llama7b):
@@ -304,4 +342,6 @@ def test_every_integer_width_from_2_to_8_has_a_datapath():
     assert bits == {"values": 320.0, "scales": 16.0, "index": 128.0, "total": 464.0}
     assert kernels.engine_class("int7", "dsp48e2") == "int8" and kernels.engine_class("int5", "dsp48e2") == "int8"
     assert kernels.engine_class("int5", "dsp48e2", 16) == "int8"  # one 8x16 MAC per DSP48E2 for int8..int5
-    assert kernels.pj_per_mac("int5") < kernels.pj_per_mac("int6") < kernels.pj_per_mac("int7")
+    # no energy per MAC any more (power is XPE-style per resource): the lanes are the wider class's
+    assert kernels.macs_per_dsp("int5", "dsp48e2") == kernels.macs_per_dsp("int8", "dsp48e2") == 2  # WP486
+    assert kernels.macs_per_dsp("int3", "dsp48e2") == kernels.macs_per_dsp("int4", "dsp48e2") == 4

@@ -50,7 +50,7 @@ def random_plans(workload: Workload, count: int, seed: int) -> list[ModelPlan]:
 @pytest.mark.parametrize("model, accel", [
     ("smollm2-135m", Accelerator("kria-kv260", clock_mhz=300, context_length=512)),
     ("llama2-7b", Accelerator("alveo-u280", clock_mhz=225, batch=4, context_length=1024)),
-    ("llama2-7b", Accelerator("alveo-u250", clock_mhz=200, weights="resident", act_bits=16)),
+    ("llama2-7b", Accelerator("alveo-u250", clock_mhz=200, resident="all", act_bits=16)),
     ("mmfreelm-1.3b", Accelerator("intel-d5005", clock_mhz=60)),
 ])
 def test_batch_equals_single_estimates(model, accel):

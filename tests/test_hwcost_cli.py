@@ -74,7 +74,7 @@ def assert_same_report(data: dict, report) -> None:
                                         "utilisation": report.utilisation[r], "cap": report.caps[r]}
     assert [row["name"] for row in data["layers"]] == [row.name for row in report.layers]
     for row, ours in zip(data["layers"], report.layers):
-        assert row["cycles"] == max(ours.compute_cycles, ours.memory_cycles)
+        assert row["cycles"] == ours.cycles  # max(compute, memory) + (1 - overlap) * min + fixed cycles
         assert (row["weight_bytes"], row["memory_bytes"], row["bound"]) == (ours.weight_bytes, ours.memory_bytes,
                                                                            ours.bound)
 
@@ -97,7 +97,8 @@ def test_devices_json(capsys):
     rows = run_json(capsys, "hwcost", "devices")
     assert [row["name"] for row in rows] == list_devices()
     u280 = next(row for row in rows if row["name"] == "alveo-u280")
-    assert u280["memories"]["hbm2"] == {"gbps": 460.0, "gb": 8.0} and u280["origin"] == "catalog"
+    assert u280["memories"]["hbm2"] == {"kind": "hbm2", "gbps": 460.0, "gb": 8.0, "channels": 32, "port_bits": 256}
+    assert u280["origin"] == "catalog"
     assert all({"lut", "ff", "dsp", "bram36", "uram", "static_w", "source"} <= set(row) for row in rows)
 
 
@@ -124,7 +125,7 @@ def test_devices_file_adds_and_overrides(tmp_path, capsys):
     ({"dsp": -3}, "devices.my-board.dsp: -3 is not an integer >= 0"),
     ({"colour": "red"}, "devices.my-board.colour: unknown field; allowed: vendor, part, lut"),
     ({"dsp_kind": "dsp99"}, "devices.my-board.dsp_kind: 'dsp99' is not one of dsp48e2"),
-    ({"memories": {"lpddr5": {"gbps": 10, "gb": 2}}}, "devices.my-board.memories.lpddr5: unknown memory kind"),
+    ({"memories": {"ddr6": {"gbps": 10, "gb": 2}}}, "devices.my-board.memories.ddr6.kind: is required"),
     ({"memories": {"ddr4": {"gbps": 0, "gb": 2}}}, "devices.my-board.memories.ddr4.gbps: 0 is not a number"),
     ({"static_w": None}, "devices.my-board.static_w: is required"),
     ({"shell_overhead": 1.5}, "devices.my-board.shell_overhead: 1.5 is not a number in [0, 1)"),
@@ -225,6 +226,7 @@ def test_estimate_accel_file_and_flag_override(tmp_path, capsys):
     accel = Accelerator("alveo-u280", clock_mhz=250, memory="ddr4", dsp_share=0.5, batch=2)
     assert_same_report(data, estimate(uniform(smol(), "8"), smol(), accel))
     assert data["memory"] == "ddr4" and data["clock_mhz"] == 250.0
+    assert data["accelerator"]["resident"] == "none"  # the old 'weights: streamed' is 'resident: none'
     path.write_text(yaml.safe_dump({"device": "kria-kv260", "dsp_share": 1.5}))  # a bare mapping works too
     line = one_line_error(capsys, ["hwcost", "estimate", "--model-config", "smollm2-135m", "--weights", "int8",
                                    "--accel", str(path)], "--accel: hardware.dsp_share: ")
@@ -256,7 +258,7 @@ def test_estimate_config_path_and_directory(tmp_path, capsys):
 
 
 BAD_ESTIMATES = [
-    (["--weights", "int4", "--device", "x"], "--device: 'x' is not in the catalog; allowed: alveo-u280"),
+    (["--weights", "int4", "--device", "x"], "--device: 'x' is not a known device; allowed: alveo-u280"),
     (["--weights", "int4", "--sparsity", "4:4"], "--sparsity: '4:4' is not N:M with 0 < N < M"),
     (["--weights", "int4", "--sparsity", "5:4"], "--sparsity: '5:4' is not N:M with 0 < N < M"),
     (["--weights", "int4", "--sparsity", "two:four"], "--sparsity: 'two:four' is not 'dense' or N:M"),
@@ -282,6 +284,72 @@ BAD_ESTIMATES = [
 def test_estimate_bad_input_one_line(capsys, extra, message):
     line = one_line_error(capsys, ESTIMATE + extra, message.split(":")[0] + ":")
     assert line.startswith(f"error: {message}"), line
+
+
+BAD_ACCEL_FIELDS = [  # (field: value in --accel, the message after 'error: --accel: hardware.<field>: ')
+    ({"resident": "("}, "resident: '(' is not a regular expression"),
+    ({"resident": 5}, "resident: 5 is not none, all or a regular expression of layer names"),
+    ({"weights": "on_chip"}, "weights: 'on_chip' is not one of streamed, resident"),
+    ({"kv_bits": 3}, "kv_bits: 3 is not one of 16, 8, 4"),
+    ({"ternary_engine": "x"}, "ternary_engine: 'x' is not one of adder_tree, table_lookup"),
+    ({"ternary_storage": "3bit"}, "ternary_storage: '3bit' is not one of 2bit, base3"),
+    ({"memory": "hbm9"}, "memory: 'hbm9' is not one of ddr4 (device kria-kv260"),
+    ({"memory": "ddr4+ddr4"}, "memory: 'ddr4+ddr4' names a memory twice"),
+    ({"lanes": {"int4": 0}}, "lanes: int4: 0 is not an integer >= 1"),
+    ({"lanes": {"int9": 4}}, "lanes: 'int9' is not one of fp16, int8"),
+    ({"lanes": [4]}, "lanes: [4] is not a mapping of engine class"),
+    ({"attention_window": 0}, "attention_window: 0 is not an integer >= 1"),
+    ({"weight_buffer_bytes": -1}, "weight_buffer_bytes: -1 is not an integer >= 0"),
+    ({"embedding": "cpu"}, "embedding: 'cpu' is not one of fpga, host"),
+    ({"lm_head": "gpu"}, "lm_head: 'gpu' is not one of fpga, host"),
+    ({"toggle_rate": 2}, "toggle_rate: 2 is not in (0, 1]"),
+    ({"host_gbps": 0}, "host_gbps: 0 is not a number in (0, inf) GB/s"),
+    ({"uram_share": 0}, "uram_share: 0 is not in (0, 1]"),
+    ({"act_bits": 4}, "act_bits: 4 is not one of 8, 16"),
+]
+
+
+@pytest.mark.parametrize("field, message", BAD_ACCEL_FIELDS, ids=[m.split(":")[0] + str(i)
+                                                                  for i, (_, m) in enumerate(BAD_ACCEL_FIELDS)])
+def test_every_bad_accelerator_field_is_one_line(tmp_path, capsys, field, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"hardware": {"device": "kria-kv260", **field}}))
+    line = one_line_error(capsys, ["hwcost", "estimate", "--model-config", "smollm2-135m", "--weights", "int4",
+                                   "--accel", str(path)], f"--accel: hardware.{message.split(':')[0]}: ")
+    assert line.startswith(f"error: --accel: hardware.{message}"), line
+
+
+BAD_ACCEL_FLAGS = [  # the flags of the same fields: the message names the flag
+    (["--resident", "("], "--resident: ( is not a regular expression"),
+    (["--kv-bits", "3"], "--kv-bits: '3' is not one of 16, 8, 4"),
+    (["--ternary-engine", "x"], "--ternary-engine: x is not one of adder_tree, table_lookup"),
+    (["--ternary-storage", "3bit"], "--ternary-storage: 3bit is not one of 2bit, base3"),
+    (["--memory", "hbm9"], "--memory: hbm9 is not one of ddr4"),
+    (["--window", "0"], "--window: '0' is not an integer >= 1"),
+    (["--embedding", "cpu"], "--embedding: cpu is not one of fpga, host"),
+    (["--lm-head", "gpu"], "--lm-head: gpu is not one of fpga, host"),
+    (["--dsp-share", "0"], "--dsp-share: 0 is not in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_ACCEL_FLAGS, ids=[m.split(":")[0] for _, m in BAD_ACCEL_FLAGS])
+def test_every_bad_accelerator_flag_is_one_line(capsys, extra, message):
+    line = one_line_error(capsys, ESTIMATE + ["--weights", "int4", *extra], message.split(":")[0] + ":")
+    assert line.startswith(f"error: {message}"), line
+
+
+def test_accelerator_file_v2_fields(tmp_path, capsys):
+    """Every v2 field through --accel reaches the Accelerator the estimate uses."""
+    fields = {"device": "kria-kv260", "lanes": {"int4": 256}, "resident": r".*\.mlp\..*", "weight_buffer_bytes": 10**6,
+              "embedding": "host", "lm_head": "fpga", "kv_bits": 8, "attention_window": 128, "ternary_storage": "base3",
+              "ternary_engine": "table_lookup", "toggle_rate": 0.2, "memory": "ddr4"}
+    path = tmp_path / "accel.yaml"
+    path.write_text(yaml.safe_dump({"hardware": fields}))
+    data = run_json(capsys, "hwcost", "estimate", "--model-config", "smollm2-135m", "--weights", "int4",
+                    "--accel", str(path))
+    assert_same_report(data, estimate(uniform(smol(), "4"), smol(), Accelerator.from_dict(fields)))
+    assert data["kv_bits"] == 8 and data["weight_buffer_bytes"] == 10**6 and data["host_ms"] > 0
+    assert data["accelerator"]["lanes"] == {"int4": 256}
 
 
 def test_estimate_needs_model_config_and_device(capsys, tmp_path):
@@ -335,10 +403,12 @@ def test_estimate_bad_plan_files(tmp_path, capsys):
 # ------------------------------------------------------------------ test
 @pytest.mark.skipif(os.environ.get(SUITE_ENV) == "1", reason="running inside 'dse hwcost test' (no recursion)")
 def test_hwcost_test_runs_the_suite(capsys):
-    code, out, _ = run(capsys, "hwcost", "test")
+    # the suite's files collected, a few tests selected (the whole suite would run twice); extra args pass through
+    code, out, _ = run(capsys, "hwcost", "test", "--", "-k", "test_estimate_is_fast or test_fp16_dense")
     summary = out.strip().splitlines()[-1]
     # pytest's own summary line, and its exit status passed through (the suite's health is its own tests' job)
     assert re.match(r"^=* ?\d+ (passed|failed)", summary) and " passed" in summary, out[-3000:]
+    assert re.match(r"^=* ?2 passed, \d+ deselected", summary), summary
     assert (code == 0) == ("failed" not in summary and "error" not in summary), (code, summary)
     assert "test_hwcost.py" not in out or code != 0  # -q: file names only appear for failures
 

@@ -4,7 +4,9 @@ Each property must hold for every valid plan on SmolLM2-135M and LLaMA2-7B and e
 accelerator drawn below: random per-layer N:M sparsity (M in 2, 4, 8, 16, any 0 < N < M;
 every M divides every layer width of both models), weight format (16/8/6/4/3/2/ternary),
 group size (32/64/128), token mixer per block (attention/mlgru), catalog device, clock
-100-400 MHz, streamed or resident weights, batch 1-8, context 64-4096.
+100-400 MHz, resident weights none, all or by a regex, KV cache 16/8/4 bits, ternary weights as
+2-bit codes or base-3 packed, ternary engine adder tree or table lookup, batch 1-8, context 64-4096.
+(The properties of the v2 design fields, power, KV bits, windows, batches, are in test_hwcost_v2.py.)
 
 A failing property is a bug of ``hwcost/model.py``, not of the property. The properties, stated
 exactly as the model docstring states what is monotone:
@@ -21,14 +23,16 @@ exactly as the model docstring states what is monotone:
 4. An all-MLGRU plan's decode rows do not change with context; with an attention block the step,
    every attention row's KV bytes and cycles grow strictly.
 5. A plan marked fitting uses <= the available (and the data-sheet) amount of every resource,
-   each utilisation <= its cap, and off-chip bytes <= capacity.
-6. Decode tokens/s <= B * peak bandwidth / off-chip bytes per step, with the bytes counted here.
+   each utilisation <= its cap, resident bytes <= the weight buffer and off-chip bytes <= capacity.
+6. Decode tokens/s <= B * peak bandwidth / off-chip bytes per step, with the bytes counted here
+   (streamed layers only, the KV cache at kv_bits with its FP16 scales).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -52,6 +56,8 @@ ENGINE = {"16": "fp16", "8": "int8", "6": "int8", "4": "int4", "3": "int4", "2":
 M_VALUES = (2, 4, 8, 16)
 GROUPS = (32, 64, 128)
 REL = 1e-9  # float tolerance on sums of cycles
+RESIDENT = ("none", "all", r"model\.layers\.[0-9]\..*", r".*\.mlp\..*")
+"""Weight placements drawn: none, all, the first ten blocks, every MLP projection."""
 
 EXAMPLES = int(os.environ.get("HWCOST_PROPERTY_EXAMPLES", "100"))  # raise for a deeper search
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -102,8 +108,11 @@ accelerators = st.builds(
     lut_share=st.floats(0.05, 1.0),
     bram_share=st.floats(0.05, 1.0),
     uram_share=st.floats(0.05, 1.0),
-    weights=st.sampled_from(("streamed", "resident")),
+    resident=st.sampled_from(RESIDENT),
     mem_efficiency=st.one_of(st.none(), st.floats(0.3, 1.0)),
+    kv_bits=st.sampled_from((16, 8, 4)),
+    ternary_storage=st.sampled_from(("2bit", "base3")),
+    ternary_engine=st.sampled_from(("adder_tree", "table_lookup")),
     batch=st.integers(1, 8),
     context_length=st.integers(64, 4096),
     prompt_length=st.integers(1, 512),
@@ -115,7 +124,7 @@ memory_bound_accelerators = st.builds(  # streamed weights, small batch, fast cl
     clock_mhz=st.floats(250.0, 400.0),
     dsp_share=st.floats(0.5, 1.0),
     lut_share=st.floats(0.5, 1.0),
-    weights=st.just("streamed"),
+    resident=st.just("none"),
     batch=st.integers(1, 2),
     context_length=st.integers(64, 4096),
 )
@@ -135,16 +144,20 @@ def _effective(plan: ModelPlan, workload: Workload, name: str) -> LayerPlan:
 
 
 def _memory_bound(report) -> bool:
-    """Every row memory-bound, but the MLGRU recurrences (vector unit, the same cycles in any plan)."""
-    return all(row.bound == "memory" for row in report.layers if row.kernel != "mlgru")
+    """Every row memory-bound, but the vector-unit rows (MLGRU recurrences, norms and activations: no off-chip
+    bytes, the same cycles in any plan)."""
+    return all(row.bound == "memory" for row in report.layers if row.kernel not in ("mlgru", "vector unit"))
 
 
 def _rows(report) -> dict:
     return {row.name: row for row in report.layers}
 
 
-def _value_bits(fmt: WeightFormat) -> float:
-    return float(constants()["ternary"]["bits_per_weight"]) if fmt.is_ternary else float(fmt.bits)
+def _value_bits(fmt: WeightFormat, ternary_storage: str = "2bit") -> float:
+    """Bits per kept weight: k for INT-k, 16 for FP16, ternary 2 (codes) or 8/5 (base-3, 5 per byte)."""
+    if fmt.is_ternary:
+        return 2.0 if ternary_storage == "2bit" else 8 / 5
+    return float(fmt.bits)
 
 
 def _tied_lm_head_untied(workload: Workload, plan: ModelPlan, name: str) -> bool:
@@ -237,7 +250,7 @@ def test_dense_to_nm_never_increases_bytes_when_index_fits_in_pruned_values(data
     plan = _with(plan, name, None, fmt)
     sparsity = data.draw(sparsities.filter(lambda s: s is not None))
     new_plan = _with(plan, name, sparsity, fmt)
-    n, m, b = sparsity.n, sparsity.m, _value_bits(fmt)
+    n, m, b = sparsity.n, sparsity.m, _value_bits(fmt, accel.ternary_storage)
     index_fits = n * math.ceil(math.log2(m)) <= (m - n) * b
 
     r1, r2 = estimate(plan, workload, accel), estimate(new_plan, workload, accel)
@@ -278,7 +291,7 @@ def test_ternary_layers_use_no_dsp(data):
     plan = data.draw(plans(workload))
     accel = data.draw(accelerators)
     r = estimate(plan, workload, accel)
-    fixed = constants()["infrastructure"]["dsp"] + constants()["special_function_unit"]["dsp"]
+    fixed = constants()["infrastructure"]["dsp"] + constants()["vector_unit"]["dsp"]
     for engine in r.engines:
         if engine.kernel == "ternary":
             assert engine.dsp == 0 and engine.macs_per_dsp == 0 and engine.lanes >= 1
@@ -341,6 +354,9 @@ def test_fitting_plan_resources_within_device(data):
             assert used <= device_total[res]
     if r.fits:
         assert r.offchip_bytes <= r.offchip_capacity_bytes
+        assert r.resident_bytes <= r.weight_buffer_bytes
+    if accel.resident == "none":
+        assert r.resident_bytes == 0 and "weight_buffer" not in r.violations
 
 
 # ------------------------------------------------------------------ 6. memory roofline
@@ -349,20 +365,26 @@ def _offchip_bytes_per_step(workload: Workload, plan: ModelPlan, accel: Accelera
     mlgru = {bp.index for bp in plan.blocks if bp.mixer == "mlgru"}
     B, L = accel.batch, accel.context_length
     total = B * workload.hidden * 2  # one FP16 embedding row per sequence
-    total += B * L * 2 * workload.kv_heads * workload.head_dim * 2 * (workload.num_layers - len(mlgru))
-    if accel.weights == "streamed":
-        for layer in workload.linear_layers(mlgru):
-            lp = _effective(plan, workload, layer.name)
-            kept = layer.in_features if lp.sparsity is None else layer.in_features // lp.sparsity.m * lp.sparsity.n
+    # K and V: kv_heads * head_dim values of kv_bits, and one FP16 scale per head each below 16 bits
+    kv_token = 2 * workload.kv_heads * (workload.head_dim * accel.kv_bits / 8 + (2 if accel.kv_bits < 16 else 0))
+    total += B * L * kv_token * (workload.num_layers - len(mlgru))
+    for layer in workload.linear_layers(mlgru):
+        if accel.resident == "all" or (accel.resident != "none" and re.fullmatch(accel.resident, layer.name)):
+            continue  # held in the on-chip weight buffer: no off-chip read
+        lp = _effective(plan, workload, layer.name)
+        kept = layer.in_features if lp.sparsity is None else layer.in_features // lp.sparsity.m * lp.sparsity.n
+        if lp.fmt.is_ternary and accel.ternary_storage == "base3":
+            bits = math.ceil(kept / 5) * 8 * layer.out_features  # 5 trits per byte in each output row
+        else:
             bits = kept * layer.out_features * _value_bits(lp.fmt)
-            if lp.fmt.is_ternary:
-                bits += 16
-            elif not lp.fmt.is_float:
-                bits += math.ceil(kept / lp.fmt.group_size) * layer.out_features * 16
-            if lp.sparsity is not None:
-                bits += layer.in_features // lp.sparsity.m * layer.out_features * lp.sparsity.n * math.ceil(
-                    math.log2(lp.sparsity.m))
-            total += math.ceil(bits / 8)
+        if lp.fmt.is_ternary:
+            bits += 16
+        elif not lp.fmt.is_float:
+            bits += math.ceil(kept / lp.fmt.group_size) * layer.out_features * 16
+        if lp.sparsity is not None:
+            bits += layer.in_features // lp.sparsity.m * layer.out_features * lp.sparsity.n * math.ceil(
+                math.log2(lp.sparsity.m))
+        total += math.ceil(bits / 8)
     return total
 
 
@@ -375,8 +397,12 @@ def test_decode_never_beats_the_memory_roofline(data):
     r = estimate(plan, workload, accel)
     step_bytes = _offchip_bytes_per_step(workload, plan, accel)
     assert sum(row.memory_bytes for row in r.layers) == step_bytes
-    peak = accel.dev.memory(accel.memory_kind).gbps * 1e9
+    mems = [accel.dev.memory(name) for name in accel.memory_names]
+    peak = sum(m.gbps for m in mems) * 1e9
     roofline = accel.batch / (step_bytes / peak)
     assert r.decode_tokens_per_s <= roofline * (1 + REL)
-    # and never beats the achieved bandwidth it assumes (peak * efficiency)
-    assert r.decode_tokens_per_s <= accel.batch / (step_bytes / (peak * accel.efficiency)) * (1 + REL)
+    # and never beats the bandwidth it assumes: per memory min(peak * efficiency, channels * port bytes * clock)
+    eff = [accel.mem_efficiency or constants()["mem_efficiency"][m.kind] for m in mems]
+    achieved = sum(min(m.gbps * 1e9 * e, m.channels * m.port_bits / 8 * accel.clock_mhz * 1e6)
+                   for m, e in zip(mems, eff))
+    assert r.decode_tokens_per_s <= accel.batch / (step_bytes / achieved) * (1 + REL)
