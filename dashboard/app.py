@@ -7,8 +7,9 @@ view can be linked: ``?view=Study&study=NAME&trial=N``):
 * **Studies**: every study in the storage with its spec summary, trials per state, last update;
 * **Study**: the Pareto front on any two axes, a 3-objective view, hypervolume against trial number
   and the sortable trial table, refreshed every few seconds while trials arrive;
-* **Trial**: the plan map, the per-layer hardware breakdown, resources against the device, the
-  evaluation by task, and the ``dse export`` bundle as a download;
+* **Trial**: the plan map, the accelerator the trial was costed on (its searched fields marked), the
+  per-layer hardware breakdown, resources against the device, the evaluation by task, and the
+  ``dse export`` bundle as a download;
 * **Compare**: two trials side by side.
 
 Data access is in :mod:`dse.reader` (the studies' overview, incremental trial reads), :mod:`dse.records`
@@ -29,6 +30,7 @@ import streamlit as st
 from dashboard import charts, data
 from dse.reader import StorageError, TrialReader, existing_storage, study_overviews
 from dse.records import TrialRecords
+from dse.report import device_label, hardware_line, searched_fields
 
 REFRESH_S = 5
 VIEWS = ("Studies", "Study", "Trial", "Compare")
@@ -78,7 +80,7 @@ def studies_view(url: str) -> None:
         sampler = spec.get("sampler", {})
         rows.append({
             "study": o.name, "model": spec.get("model") or o.user_attrs.get("model"),
-            "device": spec.get("hardware", {}).get("device") or o.user_attrs.get("device"),
+            "device": device_label(spec, o.user_attrs),
             **{state.lower(): o.states.get(state, 0) for state in ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")},
             "last update (UTC)": o.last_update.replace(tzinfo=timezone.utc) if o.last_update else None,
             "objectives": ", ".join(f"{n} ({d[:3]})" for n, d in zip(o.metric_names or
@@ -97,9 +99,11 @@ def study_view(url: str, name: str) -> None:
     study, trials, frame = load(url, name)
     spec = study.user_attrs.get("spec", {})
     st.subheader(name)
+    searched = hardware_line(spec)
     st.caption(f"model {spec.get('model') or study.user_attrs.get('model')} · device "
-               f"{spec.get('hardware', {}).get('device') or study.user_attrs.get('device')} · objectives "
-               + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(study.metric_names or [], study.directions)))
+               f"{device_label(spec, study.user_attrs)} · objectives "
+               + ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(study.metric_names or [], study.directions))
+               + (f" · searched with the plan: {searched}" if searched else ""))
     if frame.empty:
         st.info("No trials yet; this page refreshes by itself.")
         return
@@ -177,6 +181,7 @@ def trial_of(trials, number: int) -> optuna.trial.FrozenTrial:
 
 
 def trial_details(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, records: TrialRecords) -> None:
+    from dse.export import trial_accelerator
     from dse.study import full_result
 
     hw = records.report(trial) or {}
@@ -187,6 +192,13 @@ def trial_details(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str
                         width="stretch")
     else:
         st.info("This trial has no stored plan.")
+    accelerator = trial_accelerator(study, trial, records)
+    if accelerator:
+        searched = searched_fields(study.user_attrs.get("spec", {}))
+        st.markdown("**Accelerator** (the design this trial was costed on"
+                    + (f"; searched: {', '.join(searched)})" if searched else ")"))
+        st.dataframe(data.accelerator_frame(accelerator, searched), hide_index=True, width="stretch",
+                     key=f"accel-{key}")
     if hw:
         st.plotly_chart(charts.resource_chart(data.resource_frame(hw), hw.get("device", "")), key=f"res-{key}",
                         width="stretch")
@@ -223,9 +235,11 @@ def trial_view(url: str, name: str) -> None:
     trial, records = trial_of(trials, number), records_of(url, study)
     row = frame.set_index("trial").loc[number]
     st.subheader(f"{name}: trial {number}")
-    st.caption(f"{row['status']} · {row.get('plan', '')}")
+    hw_cells = [f"{c.removeprefix('hw.')} {row[c]}" for c in row.index if c.startswith("hw.") and pd.notna(row[c])]
+    st.caption(" · ".join([str(row["status"]), *hw_cells, str(row.get("plan", ""))]))
     if records.plan(trial) is not None:
-        st.download_button("Export bundle (plan.yaml, hw_report.json, evaluation.json, summary.txt)",
+        st.download_button("Export bundle (plan.yaml, accelerator.yaml, hw_report.json, evaluation.json, "
+                           "summary.txt)",
                            lambda: bundle_zip(study, trial, records), file_name=f"{name}-trial{number}.zip",
                            mime="application/zip", key=f"export-{name}-{number}", on_click="ignore")
     trial_details(study, trial, f"{name}-{number}", records)

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from dse.arch import block_index, layer_type
 from dse.pareto import hypervolume_history, is_feasible, losses, nondominated, study_front
 from dse.plan import LayerPlan
-from dse.report import hw_metrics, objective_names, plan_label, trial_row
+from dse.report import accelerator_columns, hw_metrics, objective_names, plan_label, searched_fields, trial_row
 from dse.study import full_results
 from hwcost import METRICS
 
@@ -55,16 +55,17 @@ def status_of(trial: optuna.trial.FrozenTrial, front: set[int]) -> str:
 
 
 def trials_frame(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
-    """One row per trial (every state): ``trial``, ``status``, the objectives, proxy and full-fidelity results
-    (``promoted``: a full result exists), every hardware metric, ``warm_start``, violated constraints,
-    ``plan`` summary and ``finished`` time. Values a trial never measured (screened out) are NaN."""
+    """One row per trial (every state): ``trial``, ``status``, the objectives, ``promoted`` (a full result
+    exists), the searched accelerator fields (``hw.<field>``, when the study searches some), proxy and
+    full-fidelity results, every hardware metric, ``warm_start``, violated constraints, ``plan`` summary and
+    ``finished`` time. Values a trial never measured (screened out) are NaN."""
     front = {t.number for t in study_front(study, trials)}
     full = full_results(study, trials)
     names = objective_names(study)
     rows = []
     for t in trials:
         row = trial_row(study, t, full.get(t.number), names) if t.state == TrialState.COMPLETE else {
-            "trial": t.number, "plan": plan_label(t.user_attrs)}
+            "trial": t.number, **accelerator_columns(t.user_attrs), "plan": plan_label(t.user_attrs)}
         row.update({k: v for k, v in hw_metrics(t.user_attrs).items() if k not in row})
         row = {k: (math.nan if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
         row["status"] = status_of(t, front)
@@ -80,7 +81,8 @@ def trials_frame(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) ->
     for name in names:  # no trial has measured it yet
         if name not in frame.columns:
             frame[name] = math.nan
-    first = ["trial", "status", *names, "promoted"]
+    first = ["trial", "status", *names, "promoted",
+             *[f"hw.{k}" for k in searched_fields(study.user_attrs.get("spec", {}))]]
     last = ["warm_start", "violated", "note", "finished", "plan"]
     middle = [c for c in frame.columns if c not in first and c not in last]
     return frame[[c for c in first + middle + last if c in frame.columns]]
@@ -205,6 +207,16 @@ def evaluation_frame(user_attrs: dict, full: dict | None) -> pd.DataFrame:
             rows.append({"fidelity": "full", "task": "(mean of the spec's metrics)", "metric": "accuracy",
                          "value": float(full["accuracy"])})
     return pd.DataFrame(rows, columns=["fidelity", "task", "metric", "value"])
+
+
+def accelerator_frame(accelerator: dict | None, searched: list[str] = ()) -> pd.DataFrame:
+    """The accelerator a trial was costed on, one row per field: ``field``, ``value`` (as text: values of
+    every type share the column), ``searched`` (the study searches the field)."""
+    from dse.hardware import encode_choice
+
+    rows = [{"field": k, "value": "" if v is None else str(encode_choice(v)), "searched": k in searched}
+            for k, v in (accelerator or {}).items()]
+    return pd.DataFrame(rows, columns=["field", "value", "searched"])
 
 
 def compare_frame(a: pd.Series, b: pd.Series) -> pd.DataFrame:

@@ -2,7 +2,8 @@
 
     dse start SPEC            create or resume the study in SPEC and run it to its trial budget
     dse status STUDY          trial counts by state, the Pareto table (with full-fidelity results), hypervolume
-    dse export STUDY --out D  write plan.yaml, hw_report.json, evaluation.json, summary.txt of a trial
+    dse export STUDY --out D  write plan.yaml, accelerator.yaml, hw_report.json, evaluation.json, summary.txt
+                              of a trial
                               (--trial N or --pick knee|max-accuracy|min-latency|min-energy, --where,
                               --checkpoint for the compressed model as packed safetensors)
     dse dashboard             serve the Streamlit Pareto dashboard (reads the storage only)
@@ -76,13 +77,15 @@ def cmd_status(args) -> int:
 
 
 def _print_status(study) -> None:
-    from dse.report import hypervolume_line, pareto_table, state_counts
+    from dse.report import device_label, hardware_line, hypervolume_line, pareto_table, state_counts
 
     spec = study.user_attrs.get("spec", {})
     trials = study.get_trials(deepcopy=False)
     objectives = ", ".join(f"{o['name']} {o['direction']}" for o in spec.get("objectives", []))
     print(f"study {study.study_name} in {spec.get('storage')}: model {spec.get('model')}, device "
-          f"{spec.get('hardware', {}).get('device')}, budget {spec.get('trials')} trials")
+          f"{device_label(spec)}, budget {spec.get('trials')} trials")
+    if hardware_line(spec):
+        print(f"searched with the plan: {hardware_line(spec)}")
     print("  ".join(f"{k.lower()}={v}" for k, v in state_counts(study).items()))
     print(f"Pareto set ({objectives}):")
     print(pareto_table(study, trials))
@@ -234,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_start)
 
     for name, func, text in (("status", cmd_status, "trial counts and the Pareto table of a study"),
-                             ("export", cmd_export, "write a trial's plan, hardware report and evaluation")):
+                             ("export", cmd_export,
+                              "write a trial's plan, accelerator, hardware report and evaluation")):
         p = sub.add_parser(name, help=text)
         p.add_argument("study", help="study name")
         p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")

@@ -1,6 +1,12 @@
-"""Exporting a chosen trial: plan YAML, hardware report JSON, evaluation JSON, a short summary, and
-optionally the compressed model (:mod:`evaluators.checkpoint`). The plan and the report are the trial's
-records (:mod:`dse.records`; the user attributes in studies written before them).
+"""Exporting a chosen trial: plan YAML, accelerator YAML, hardware report JSON, evaluation JSON, a short
+summary, and optionally the compressed model (:mod:`evaluators.checkpoint`). The plan, the accelerator and
+the report are the trial's records (:mod:`dse.records`; the user attributes in studies written before them,
+and the spec's one accelerator for trials written before the accelerator record).
+
+``accelerator.yaml`` is the whole accelerator the trial was costed on (:meth:`hwcost.Accelerator.to_dict`)
+and, when its device came from the spec's ``hardware.devices_file``, a ``devices:`` mapping with that board
+in devices-file form, so ``dse hwcost estimate --accel accelerator.yaml --plan plan.yaml --model-config ...``
+reproduces ``hw_report.json`` without the study or the devices file.
 
 Choosing: ``--trial N``, or ``--pick`` among the Pareto trials that pass every ``--where``
 condition (``metric >= value`` or ``<=`` on a hardware metric, ``proxy_kl``, ``proxy_ppl`` or
@@ -109,6 +115,35 @@ def choose_trial(study: optuna.Study, number: int | None = None, pick: str = "kn
     return min(front, key=lambda t: _metric(t, None, key))
 
 
+def trial_accelerator(study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                      records: TrialRecords | None = None) -> dict | None:
+    """The accelerator ``trial`` was costed on (:meth:`hwcost.Accelerator.to_dict`): its record; for a trial
+    written before that record, the accelerator of its study's spec (which then searched no field); else None."""
+    from dse.hardware import searched_hardware
+
+    records = records or TrialRecords.of(study)
+    stored = records.accelerator(trial)
+    hardware = study.user_attrs.get("spec", {}).get("hardware")
+    if stored is not None or not hardware or searched_hardware(hardware):
+        return stored
+    from hwcost.accelerator import Accelerator
+
+    try:
+        return json.loads(json.dumps(Accelerator.from_dict(hardware).to_dict()))  # as a record reads back
+    except ValueError:  # fields of an older Accelerator, or a board this process does not know: as stored
+        return {k: v for k, v in hardware.items() if k != "devices_file"}
+
+
+def accelerator_yaml(study: optuna.Study, accelerator: dict) -> str:
+    """``accelerator.yaml``: the accelerator's fields, then ``devices:`` with its board when the board came from
+    the spec's devices file (the study's ``devices`` attribute, :mod:`dse.hardware`)."""
+    doc = dict(accelerator)
+    boards = study.user_attrs.get("devices") or {}
+    if accelerator.get("device") in boards:
+        doc["devices"] = {accelerator["device"]: boards[accelerator["device"]]}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
                  progress=None, records: TrialRecords | None = None) -> list[Path]:
     """Write the bundle for ``trial`` into ``out``; with ``checkpoint`` also the compressed model in
@@ -118,16 +153,18 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
 
     records = records or TrialRecords.of(study)
     plan, hw = records.plan(trial), records.report(trial) or {}
+    accelerator = trial_accelerator(study, trial, records)
     out.mkdir(parents=True, exist_ok=True)
     spec = study.user_attrs.get("spec", {})
     full = full_result(study, trial)
     header = {"study": study.study_name, "trial": trial.number, "model": spec.get("model"),
-              "device": spec.get("hardware", {}).get("device")}
+              "device": (accelerator or spec.get("hardware", {})).get("device")}
     evaluation = dict(trial.user_attrs.get("eval", {"evaluated": False}))
     if full is not None:
         evaluation["full"] = full
     files = {
         "plan.yaml": yaml.safe_dump({**header, "plan": plan}, sort_keys=False),
+        **({"accelerator.yaml": accelerator_yaml(study, accelerator)} if accelerator else {}),
         "hw_report.json": json.dumps(hw, indent=1),
         "evaluation.json": json.dumps(evaluation, indent=1),
         "summary.txt": summary_text(study, trial, full, hw),
@@ -158,7 +195,7 @@ def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dic
              + (f" ({trial.user_attrs['warm_start']})" if trial.user_attrs.get("warm_start") else "")]
     lines += [f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in row.items()
               if k not in ("trial", "warm_start")]
-    if full is None and trial.user_attrs.get("evaluated"):
+    if full is None and trial.user_attrs.get("evaluated") and "eval" in trial.user_attrs:
         lines.append("  full fidelity: not promoted (only the proxy was measured)")
     if hw:
         lines.append(f"  fits: {hw.get('fits')}  utilisation: "

@@ -1,4 +1,5 @@
-"""Trial records: each trial's plan and per-layer hardware report, beside the study, not in its attributes.
+"""Trial records: each trial's plan, accelerator and per-layer hardware report, beside the study, not in its
+attributes.
 
 A plan and its report are about 100 kB of JSON for a 30-block model. Kept in Optuna user attributes, every
 ``get_trials()`` and every Optuna tool (optuna-dashboard, ``copy_study``) would carry them for every trial,
@@ -8,11 +9,15 @@ to Optuna's tables and to :mod:`dse.claims`' ``dse_claims``: one row ``(study, t
 * ``study``: the study's ``uid`` user attribute (its name for studies without one), so a later study of the
   same name never sees an earlier one's records;
 * ``trial``: the trial number (the same in every storage a study is copied to);
-* ``kind``: ``plan`` (:meth:`dse.plan.ModelPlan.to_dict`) or ``hw`` (:meth:`hwcost.HwReport.to_dict`).
+* ``kind``: ``plan`` (:meth:`dse.plan.ModelPlan.to_dict`), ``hw`` (:meth:`hwcost.HwReport.to_dict`) or
+  ``accelerator`` (:meth:`hwcost.Accelerator.to_dict`: the whole accelerator the report was costed on; the
+  trial's ``accelerator`` user attribute holds only the fields the study searches).
 
 The driver writes a trial's records before it tells the trial, so a finished trial with a plan has its
 record; the trial's user attributes keep the scalars (``hw_metrics``, ``plan_hash``, ``plan_summary``,
-constraints, evaluation, timings, worker, fidelity). Studies written before this table existed hold ``plan``
+constraints, evaluation, timings, worker, fidelity, searched ``accelerator`` fields). Trials written before
+the ``accelerator`` record have none (:meth:`TrialRecords.accelerator` is None; their study's spec holds
+the one accelerator of all its trials). Studies written before this table existed hold ``plan``
 and ``hw`` in their user attributes; :meth:`TrialRecords.plan` and :meth:`TrialRecords.report` read those
 (from the trial given, else from Optuna's storage: the dashboard's light trials leave them out), so such
 studies export and show as before. Readers (the dashboard, ``dse export``) create nothing.
@@ -35,7 +40,7 @@ TABLE = sa.Table(
     sa.Column("kind", sa.String(16), primary_key=True),
     sa.Column("value_json", sa.Text, nullable=False),
 )
-KINDS = ("plan", "hw")
+KINDS = ("plan", "hw", "accelerator")
 
 
 def study_key(study: optuna.Study) -> str:
@@ -96,6 +101,11 @@ class TrialRecords:
         """The trial's hardware report (:meth:`hwcost.HwReport.to_dict`, per-layer rows included), as
         :meth:`plan` finds it."""
         return self._find(trial, "hw")
+
+    def accelerator(self, trial: optuna.trial.FrozenTrial) -> dict | None:
+        """The accelerator the trial was costed on (:meth:`hwcost.Accelerator.to_dict`), or None for a trial
+        written before this record (:func:`dse.export.trial_accelerator` falls back on the study's spec)."""
+        return self.get(trial.number, "accelerator")
 
     def _find(self, trial: optuna.trial.FrozenTrial, kind: str):
         return trial.user_attrs.get(kind) or self.get(trial.number, kind) or self._stored_attr(trial.number, kind)

@@ -44,6 +44,35 @@ def plan_label(user_attrs: dict) -> str:
     return ", ".join(f"{n}x {label}" for label, n in user_attrs.get("plan_summary", {}).items())
 
 
+def searched_fields(spec: dict) -> list[str]:
+    """The accelerator fields a stored spec searches (a list of two or more choices in its ``hardware:``)."""
+    from dse.hardware import searched_hardware
+
+    return list(searched_hardware(spec.get("hardware") or {}))
+
+
+def hardware_line(spec: dict) -> str:
+    """The searched accelerator fields of a stored spec in one line, e.g. ``hw.device (2 choices: kria-kv260,
+    my-board), hw.clock_mhz (2 choices: 200, 300)``; '' when it searches none."""
+    hardware = spec.get("hardware") or {}
+    return ", ".join(f"hw.{k} ({len(hardware[k])} choices: {', '.join(map(str, hardware[k]))})"
+                     for k in searched_fields(spec))
+
+
+def device_label(spec: dict, user_attrs: dict | None = None) -> str | None:
+    """A stored spec's device, or its device choices joined with `` | `` when the device is searched
+    (``user_attrs``: the study's, whose ``device`` an old study without a spec still has)."""
+    device = (spec.get("hardware") or {}).get("device") or (user_attrs or {}).get("device")
+    return " | ".join(map(str, device)) if isinstance(device, (list, tuple)) else device
+
+
+def accelerator_columns(user_attrs: dict) -> dict:
+    """A trial's searched accelerator fields as ``hw.<field>`` cells (the ``accelerator`` attribute)."""
+    from dse.hardware import encode_choice
+
+    return {f"hw.{k}": encode_choice(v) for k, v in (user_attrs.get("accelerator") or {}).items()}
+
+
 def objective_names(study: optuna.Study) -> list[str]:
     """The study's objective names (``objective0``, ... where none were set); one storage query."""
     return study.metric_names or [f"objective{i}" for i in range(len(study.directions))]
@@ -52,8 +81,9 @@ def objective_names(study: optuna.Study) -> list[str]:
 def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None,
               names: list[str] | None = None) -> dict:
     """One trial as a flat dict: objectives, hardware figures, proxy and full-fidelity results (``full``:
-    this trial's promotion result, if any), plan summary. Reads only the trial's small attributes
-    (``hw_metrics``, ``eval``, ``plan_summary``, ``warm_start``), so it works on :mod:`dse.reader`'s trials.
+    this trial's promotion result, if any), the searched accelerator fields (``hw.<field>``), plan summary.
+    Reads only the trial's small attributes (``hw_metrics``, ``eval``, ``plan_summary``, ``accelerator``,
+    ``warm_start``), so it works on :mod:`dse.reader`'s trials.
     ``names``: :func:`objective_names`, when many rows are built (each look-up queries the storage)."""
     names = names or objective_names(study)
     hw = hw_metrics(trial.user_attrs)
@@ -76,6 +106,7 @@ def trial_row(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict |
         for task, metrics in full.get("metrics", {}).items():
             for metric, value in metrics.items():
                 row[f"{task}.{metric}"] = value
+    row.update(accelerator_columns(trial.user_attrs))
     if trial.user_attrs.get("warm_start"):
         row["warm_start"] = trial.user_attrs["warm_start"]
     row["plan"] = plan_label(trial.user_attrs)
@@ -97,8 +128,9 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def pareto_table(study: optuna.Study, trials=None) -> str:
-    """The Pareto set as text: objectives, weight MB, full-fidelity accuracy and task metrics where the
-    trial was promoted (blank where not yet), warm-start label and plan."""
+    """The Pareto set as text: objectives, the searched accelerator fields (``hw.<field>``), weight MB,
+    full-fidelity accuracy and task metrics where the trial was promoted (blank where not yet), warm-start
+    label and plan."""
     from dse.study import full_results
 
     names = list(study.metric_names or [])
@@ -108,7 +140,8 @@ def pareto_table(study: optuna.Study, trials=None) -> str:
     tasks = spec.get("tasks", [])
     task_cols = [f"{t['name']}.{t['metric']}" for t in tasks] if len(tasks) > 1 else []
     extra = [] if "accuracy" in names else ["full_accuracy"]
-    columns = ["trial", *names, "weight_MB", *extra, *task_cols, "warm_start", "plan"]
+    searched = [f"hw.{k}" for k in searched_fields(spec)]
+    columns = ["trial", *names, *searched, "weight_MB", *extra, *task_cols, "warm_start", "plan"]
     return format_table(rows, [c for c in columns if any(row.get(c) is not None for row in rows)] or columns)
 
 

@@ -16,6 +16,14 @@ the plan of their attention counterparts. :func:`distributions` gives the Optuna
 distributions, :func:`plan_from_params` turns a parameter dict back into a
 :class:`~dse.plan.ModelPlan`, and :func:`unit_params` goes the other way for one
 unit (warm starts are enqueued as parameter dicts).
+
+Accelerator fields the spec's ``hardware:`` block searches (:mod:`dse.hardware`) are one categorical
+``hw.<field>`` each, suggested after the plan's parameters (so a study that searches none has exactly the
+parameters it had before): :func:`hardware_distributions`, :func:`suggest_accelerator` and
+:func:`accelerator_from_params`. Choices are Optuna values as they are (strings, numbers, booleans, null);
+a mapping choice (e.g. ``lanes``) is its JSON text with sorted keys. A parameter dict without a ``hw.<field>``
+(a plan-only warm start) rebuilds with the field's first choice; a trial enqueued without one gets it from
+the sampler, like any parameter an enqueued trial leaves out.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from dataclasses import dataclass
 from optuna.distributions import CategoricalDistribution
 
 from dse.arch import block_index, layer_type
+from dse.hardware import HardwareSpace
 from dse.plan import MIXERS, BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat, sparsity_name
 from dse.spec import LayerGroup, SpaceSpec, SpecError
 
+HW_PREFIX = "hw."
+"""Parameter names of searched accelerator fields: ``hw.<field>``."""
 
 
 @dataclass(frozen=True)
@@ -145,3 +156,23 @@ def suggest_plan(trial, units: list[Unit], mlgru_blocks: tuple[int, ...] = ()) -
     params = {name: trial.suggest_categorical(name, dist.choices)
               for name, dist in distributions(units, mlgru_blocks).items()}
     return plan_from_params(params, units, mlgru_blocks)
+
+
+def hardware_distributions(hardware: HardwareSpace) -> dict[str, CategoricalDistribution]:
+    """One categorical ``hw.<field>`` per searched accelerator field, its choices in the spec's order."""
+    return {f"{HW_PREFIX}{name}": CategoricalDistribution(hardware.encoded(name)) for name in hardware.searched}
+
+
+def accelerator_from_params(params: dict, hardware: HardwareSpace):
+    """The :class:`~hwcost.accelerator.Accelerator` a parameter dict describes: the fixed fields, each searched
+    field's ``hw.<field>`` value, and its first choice where the dict has none."""
+    choice = {name: hardware.decode(name, params[f"{HW_PREFIX}{name}"]) for name in hardware.searched
+              if f"{HW_PREFIX}{name}" in params}
+    return hardware.build(choice)
+
+
+def suggest_accelerator(trial, hardware: HardwareSpace):
+    """Ask an Optuna trial for each parameter of :func:`hardware_distributions`; return the accelerator."""
+    params = {name: trial.suggest_categorical(name, dist.choices)
+              for name, dist in hardware_distributions(hardware).items()}
+    return accelerator_from_params(params, hardware)

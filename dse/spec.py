@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, field_validator, model_validator
 
+from dse.hardware import DEVICES_FILE, HardwareSpace, parse_hardware
 from dse.plan import FORMAT_NAMES, PRUNE_METHODS, QUANT_METHODS, PlanError, Sparsity, WeightFormat
 from dse.schema import Flag, Int, Number, Problem, SchemaError, Text, check_text, parse, read_yaml, schema
 from evaluators.settings import CompressionSpec, ProxySpec  # noqa: F401 (the spec's sections, imported from here)
-from hwcost.accelerator import Accelerator
 from hwcost.model import METRICS
 
 ACCURACY = "accuracy"
@@ -296,7 +297,8 @@ class StudySpec:
     model: Text
     tasks: Annotated[tuple[TaskSpec, ...], Field(min_length=1)]
     space: SpaceSpec
-    #: Accelerator fields (hwcost.accelerator), stored as given
+    #: Accelerator fields (hwcost.accelerator), stored as given; a list of values is searched (dse.hardware),
+    #: devices_file adds the boards of a devices file
     hardware: dict
     objectives: Annotated[tuple[Objective, ...], Field(min_length=1)]
     #: hardware constraints such as 'decode_tokens_per_s >= 100'
@@ -322,8 +324,13 @@ class StudySpec:
     @field_validator("hardware")
     @classmethod
     def _accelerator(cls, value):
-        Accelerator.from_dict(value, prefix="")
+        parse_hardware(value)
         return dict(value)
+
+    @cached_property
+    def hardware_space(self) -> HardwareSpace:
+        """The ``hardware:`` block validated: fixed and searched accelerator fields, user devices."""
+        return parse_hardware(self.hardware)
 
     @field_validator("tasks")
     @classmethod
@@ -395,4 +402,8 @@ def parse_spec(data: Any) -> StudySpec:
 def load_spec(path: str | Path, overrides: dict | None = None) -> StudySpec:
     """Read and validate a spec file; ``overrides`` replace top-level fields (e.g. from the command line)."""
     data = read_yaml(path, SpecError, noun="spec file")
+    hardware = data.get("hardware")
+    if isinstance(hardware, dict) and isinstance(hardware.get(DEVICES_FILE), str):  # relative to the spec file
+        hardware = {**hardware, DEVICES_FILE: str((Path(path).parent / hardware[DEVICES_FILE]).absolute())}
+        data = {**data, "hardware": hardware}
     return parse_spec({**data, **{k: v for k, v in (overrides or {}).items() if v is not None}})

@@ -10,15 +10,20 @@ several drivers (on several machines) may run the same study at once.
 One trial:
 
 1. ``study.ask()`` (enqueued warm starts and retried plans first), the plan from its
-   parameters (:mod:`dse.space`);
-2. the hardware report from the cost model, in the driver (milliseconds); the plan and the whole
-   report (with its per-layer rows) are written as the trial's records, its scalar metrics
-   (``hw_metrics``, a few hundred bytes) as a user attribute. A plan that does
-   not fit the device or breaks a user constraint is told at once with its named constraint
-   values (``trial.set_constraint``) and no accuracy evaluation (``evaluated: False``);
+   parameters and, when the spec's ``hardware:`` lists choices, the accelerator from its ``hw.<field>``
+   parameters (:mod:`dse.space`, :mod:`dse.hardware`; otherwise the spec's one accelerator);
+2. the hardware report of the (plan, accelerator) pair from the cost model, in the driver
+   (milliseconds); the plan, the accelerator (:meth:`~hwcost.accelerator.Accelerator.to_dict`) and
+   the whole report (with its per-layer rows) are written as the trial's records, its scalar metrics
+   (``hw_metrics``, a few hundred bytes) and the searched accelerator fields (``accelerator``, only
+   when some are searched) as user attributes. A pair that does not fit the device or breaks a user
+   constraint is told at once with its named constraint values (``trial.set_constraint``) and no
+   accuracy evaluation (``evaluated: False``). A hardware-only study (no objective needs the model)
+   starts no Ray actors: every trial is told from the cost model, a feasible one as evaluated at
+   fidelity ``hwcost`` (so it enters the Pareto set);
 3. a feasible plan is claimed (:mod:`dse.claims`): a plan another trial already evaluated is
-   told with that trial's values (``duplicate_of``) instead of being evaluated again; one
-   still being evaluated elsewhere is pruned;
+   told with that trial's evaluation (``duplicate_of``; the hardware objectives are its own
+   accelerator's) instead of being evaluated again; one still being evaluated elsewhere is pruned;
 4. otherwise an idle Ray actor measures the proxy fidelity (and the full lm-eval tasks when
    ``accuracy`` is an objective); the result is told as soon as it arrives.
 
@@ -50,7 +55,8 @@ from optuna.trial import TrialState
 
 from dse.arch import PlanMismatch, Workload, check_plan
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
-from dse.space import Unit, build_units, suggest_plan
+from dse.hardware import HardwareSpace, searched_hardware
+from dse.space import Unit, build_units, suggest_accelerator, suggest_plan
 from dse.spec import ACCURACY, MODEL_OBJECTIVES, PROXY_KL, SpecError, StudySpec
 
 log = logging.getLogger(__name__)
@@ -73,14 +79,16 @@ class Setup:
     spec: StudySpec
     workload: object
     accelerator: object
+    """The accelerator of every field's first choice: the study's accelerator when none is searched."""
     units: list[Unit]
+    hardware: HardwareSpace | None = None
+    """The spec's ``hardware:`` block (fixed and searched fields, user devices)."""
 
 
 def prepare(spec: StudySpec) -> Setup:
     """Validate the spec against the model and task registry; raises SpecError, writes nothing."""
     from evaluators.models import ModelError, load_config
     from evaluators.tasks import resolve_tasks
-    from hwcost import Accelerator
 
     try:
         config = load_config(spec.model)
@@ -103,7 +111,8 @@ def prepare(spec: StudySpec) -> Setup:
                                                          f"{workload.num_layers - 1})" if block >= workload.num_layers
                             else f"model_type {workload.model_type} has no attention to replace")
     check_nm_widths(spec, workload, units)
-    return Setup(spec, workload, Accelerator.from_dict(spec.hardware), units)
+    hardware = spec.hardware_space
+    return Setup(spec, workload, hardware.first(), units, hardware)
 
 
 def check_nm_widths(spec: StudySpec, workload: Workload, units: list[Unit]) -> None:
@@ -160,8 +169,9 @@ def _retry():
 
 
 def open_study(setup: Setup, storage=None) -> optuna.Study:
-    """Create the study (with its warm starts) or load it; refuses a stored study whose objectives
-    differ from the spec's. Safe when several drivers start at once: one creates, the others load."""
+    """Create the study (with its warm starts) or load it; refuses a stored study whose objectives or searched
+    accelerator fields differ from the spec's. Safe when several drivers start at once: one creates, the others
+    load. Run it with the spec's user devices known (:meth:`dse.hardware.HardwareSpace.active`)."""
     spec = setup.spec
     storage = storage or make_storage(spec)
     try:
@@ -177,6 +187,11 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
         if stored_objectives != [o.name for o in spec.objectives]:
             raise SpecError("objectives", f"study '{spec.study}' exists in {spec.storage_display} with objectives "
                                           f"{stored_objectives}; use another study name") from None
+        stored_searched, searched = searched_hardware(stored.get("hardware", {})), searched_hardware(spec.hardware)
+        if stored and stored_searched != searched:
+            raise SpecError("hardware", f"study '{spec.study}' exists in {spec.storage_display} searching "
+                                        f"{_searched_text(stored_searched)}; this spec searches "
+                                        f"{_searched_text(searched)}; use another study name") from None
         return study
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -185,10 +200,17 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
     study.set_user_attr("model", spec.model)
     study.set_user_attr("device", spec.hardware["device"])
     study.set_user_attr("workload", setup.workload.to_dict())
+    hardware = setup.hardware or spec.hardware_space
+    if hardware.user_device_entries():  # what `dse export` writes beside a trial's accelerator on such a board
+        study.set_user_attr("devices", hardware.user_device_entries())
     for ws in _warm_starts(setup):
         study.enqueue_trial(ws.params, user_attrs={"warm_start": ws.label}, skip_if_exists=True)
     study.set_user_attr(SPEC_ATTR, spec.to_dict())  # last: a study with its spec is ready for other drivers
     return study
+
+
+def _searched_text(searched: dict) -> str:
+    return "; ".join(f"{k} {v}" for k, v in searched.items()) or "no accelerator field"
 
 
 def _warm_starts(setup: Setup):
@@ -228,19 +250,27 @@ def screen(spec: StudySpec, hw_report) -> dict[str, float]:
     return values
 
 
-def trial_record(plan, report, constraints: dict[str, float]) -> dict:
+def trial_record(plan, report, constraints: dict[str, float], accelerator: dict | None = None) -> dict:
     """The user attributes every trial gets before its evaluation: the plan's hash and label counts, the
-    hardware report's scalar metrics and the named constraint values (the plan and the report themselves are
-    the trial's records, :func:`trial_records`)."""
+    hardware report's scalar metrics, the named constraint values and, when the study searches accelerator
+    fields, their values (``accelerator``: the searched fields only; the plan, the whole accelerator and the
+    report themselves are the trial's records, :func:`trial_records`)."""
     from hwcost import HwReport
 
-    return {"plan_hash": plan.hash, "plan_summary": plan.summary(),
-            "hw_metrics": HwReport.metrics_of(report.to_dict()), "constraints": constraints}
+    out = {"plan_hash": plan.hash, "plan_summary": plan.summary(),
+           "hw_metrics": HwReport.metrics_of(report.to_dict()), "constraints": constraints}
+    if accelerator:
+        out["accelerator"] = accelerator
+    return out
 
 
-def trial_records(plan, report) -> dict:
-    """A trial's records (:mod:`dse.records`): the plan and the whole hardware report."""
-    return {"plan": plan.to_dict(), "hw": report.to_dict()}
+def trial_records(plan, report, accelerator=None) -> dict:
+    """A trial's records (:mod:`dse.records`): the plan, the whole hardware report and (given) the accelerator
+    it was costed on."""
+    out = {"plan": plan.to_dict(), "hw": report.to_dict()}
+    if accelerator is not None:
+        out["accelerator"] = accelerator.to_dict()
+    return out
 
 
 def full_results(study: optuna.Study, trials=None) -> dict[int, dict]:
@@ -356,7 +386,7 @@ class Driver:
     def _launch(self, complete: int, running: int) -> bool:
         """Start trials on idle actors while the budget allows; True if any trial was told or started."""
         any_progress = False
-        while self.idle and complete + running < self.spec.trials:
+        while (self.idle or not self.model_objective) and complete + running < self.spec.trials:
             outcome = self._start_trial()
             any_progress = True
             if outcome == "complete":
@@ -369,6 +399,7 @@ class Driver:
 
     def _start_trial(self) -> str:
         from hwcost import estimate
+        from hwcost.accelerator import AcceleratorError
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # heartbeat storage outside Study.optimize
@@ -378,21 +409,34 @@ class Driver:
         if self._over_budget(trial):
             self._tell(trial, trial_id, state=TrialState.PRUNED, attrs={"pruned": "over budget (another driver)"})
             return "pruned"
-        spec = self.spec
+        spec, hardware = self.spec, self.setup.hardware
         plan = suggest_plan(trial, self.setup.units, spec.space.mlgru_blocks)
+        accel = self.setup.accelerator
+        if hardware is not None and hardware.searched:
+            try:
+                accel = suggest_accelerator(trial, hardware)
+            except AcceleratorError as err:  # a combination beyond the spec's pairwise check (dse.hardware)
+                self._tell(trial, trial_id, state=TrialState.FAIL, attrs={"error": str(err)})
+                log.error("trial %d: %s", trial.number, err)
+                return "pruned"
         started = time.perf_counter()
-        report = estimate(plan, self.setup.workload, self.setup.accelerator)
+        report = estimate(plan, self.setup.workload, accel)
         timings = {"hwcost": time.perf_counter() - started}
         constraints = screen(spec, report)
-        attrs = trial_record(plan, report, constraints)
-        self.records.put(trial.number, **trial_records(plan, report))  # before the tell: a told trial has them
+        attrs = trial_record(plan, report, constraints, hardware.searched_values(accel) if hardware else None)
+        # before the tell: a told trial has its records
+        self.records.put(trial.number, **trial_records(plan, report, accel))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a retried trial carries its constraints already
             for key, value in constraints.items():
                 trial.set_constraint(key, value)
-        if max(constraints.values()) > 0 or not self.model_objective:
+        if max(constraints.values()) > 0:
             self._tell(trial, trial_id, objective_values(spec, report, None),
                        attrs={**attrs, "evaluated": False, "timings_s": timings})
+            return "complete"
+        if not self.model_objective:  # a hardware-only study: the cost model is the whole evaluation
+            self._tell(trial, trial_id, objective_values(spec, report, None),
+                       attrs={**attrs, "evaluated": True, "fidelity": "hwcost", "timings_s": timings})
             return "complete"
         held = self.claims.claim("plan", plan.hash, trial.number)
         if held is not None:
@@ -601,28 +645,36 @@ def start_actors(spec: StudySpec) -> list:
 
 
 def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
-    """Run the study to ``spec.trials`` completed trials (then the final promotion); returns the study."""
-    import ray
+    """Run the study to ``spec.trials`` completed trials (then the final promotion); returns the study. The spec's
+    user devices (``hardware.devices_file``) are known while it runs; a hardware-only study starts no Ray."""
     from tqdm import tqdm
 
     from dse.claims import Claims
 
     setup = prepare(spec)
-    actors = start_actors(spec)  # first: a Ray address that does not answer must not leave a new study behind
-    try:
-        storage = make_storage(spec)
-        study = open_study(setup, storage)
-    except BaseException:
-        for actor in actors:
-            ray.kill(actor)
-        raise
-    claims = Claims(spec.storage, study.user_attrs.get("uid", spec.study))
-    bar = tqdm(total=spec.trials, desc=spec.study, unit="trial", disable=not progress)
-    try:
-        Driver(setup, study, storage, actors, claims, bar).run()
-    finally:
-        bar.close()
-        claims.close()
-        for actor in actors:
-            ray.kill(actor)
+    # first: a Ray address that does not answer must not leave a new study behind
+    actors = start_actors(spec) if any(o.name in MODEL_OBJECTIVES for o in spec.objectives) else []
+    with setup.hardware.active():
+        try:
+            storage = make_storage(spec)
+            study = open_study(setup, storage)
+        except BaseException:
+            _kill(actors)
+            raise
+        claims = Claims(spec.storage, study.user_attrs.get("uid", spec.study))
+        bar = tqdm(total=spec.trials, desc=spec.study, unit="trial", disable=not progress)
+        try:
+            Driver(setup, study, storage, actors, claims, bar).run()
+        finally:
+            bar.close()
+            claims.close()
+            _kill(actors)
     return study
+
+
+def _kill(actors: list) -> None:
+    if actors:
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)

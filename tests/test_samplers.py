@@ -53,8 +53,8 @@ def test_each_sampler_is_seeded_and_sees_constraints(name, request):
     assert [t.params for t in first.trials] == [t.params for t in again.trials]
     assert [t.params for t in first.trials] != [t.params for t in other.trials]
     assert all(t.state.name == "COMPLETE" for t in first.trials)
-    # the constraint (decode >= 120 tokens/s) is recorded, and the best trials are the feasible ones
-    assert all(set(t.constraints) == {"fits", "decode_tokens_per_s >= 120"} for t in first.trials)
+    # the constraint (decode >= 165 tokens/s) is recorded, and the best trials are the feasible ones
+    assert all(set(t.constraints) == {"fits", "decode_tokens_per_s >= 165"} for t in first.trials)
     feasible = {t.number for t in first.trials if max(t.constraints.values()) <= 0}
     assert {t.number for t in first.best_trials} <= feasible
 
@@ -73,7 +73,7 @@ def test_gp_sampler_proposes_valid_plans(one_torch_thread):
     first, again = run("gp", 7, GP_STARTUP + 1), run("gp", 7, GP_STARTUP + 1)
     assert [t.params for t in first.trials] == [t.params for t in again.trials]
     assert all(t.state.name == "COMPLETE" for t in first.trials)
-    assert all(set(t.constraints) == {"fits", "decode_tokens_per_s >= 120"} for t in first.trials)
+    assert all(set(t.constraints) == {"fits", "decode_tokens_per_s >= 165"} for t in first.trials)
     proposed = first.trials[GP_STARTUP]
     assert proposed.params.keys() == first.trials[0].params.keys()
     assert all(value > 0 for value in proposed.values)
