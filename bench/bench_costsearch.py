@@ -45,7 +45,7 @@ COSEARCH = {
     "clock_mhz": [300, 250, 200, 150],
     "dsp_share": [0.7, 0.35, 0.15, 0.05],
     "lut_share": [0.5, 0.25, 0.1, 0.04],
-    "resident": ["none", r"model\.layers\.(0|1|2|3)\.self_attn\.(q|k|v)_proj", r"model\.layers\.[0-9]\.self_attn\..*"],
+    "resident": ["none", r"model\.layers\.(0|1)\.self_attn\..*", r"model\.layers\.[0-3]\.self_attn\.(q|k|v)_proj"],
     "kv_bits": [16, 8, 4],
 }
 """The searched accelerator fields of study (b); the first choice of each is study (a)'s value."""

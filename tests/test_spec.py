@@ -31,7 +31,7 @@ def test_example_spec_validates():
     assert mlp.sparsity == (None, Sparsity(2, 4), Sparsity(4, 8))
     assert spec.promotion.every == 8 and spec.promotion.final and spec.warm_start.baselines
     assert mlp.formats == (WeightFormat("8", 64), WeightFormat("4", 64), WeightFormat("3", 64))
-    assert spec.constraints[0].violation(150.0) < 0 < spec.constraints[0].violation(100.0)
+    assert spec.constraints[0].violation(170.0) < 0 < spec.constraints[0].violation(160.0)
     assert spec.sampler.name == "nsga2" and spec.workers == 2 and spec.storage.startswith("sqlite:///")
 
 
