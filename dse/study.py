@@ -56,7 +56,7 @@ from optuna.trial import TrialState
 from dse.arch import PlanMismatch, Workload, check_plan
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
 from dse.hardware import HardwareSpace, searched_hardware
-from dse.space import Unit, build_units, suggest_accelerator, suggest_plan
+from dse.space import Unit, build_units, hardware_distributions, suggest_accelerator, suggest_plan
 from dse.spec import ACCURACY, MODEL_OBJECTIVES, PROXY_KL, SpecError, StudySpec
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,9 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
     hardware = setup.hardware or spec.hardware_space
     if hardware.user_device_entries():  # what `dse export` writes beside a trial's accelerator on such a board
         study.set_user_attr("devices", hardware.user_device_entries())
-    for ws in _warm_starts(setup):
-        study.enqueue_trial(ws.params, user_attrs={"warm_start": ws.label}, skip_if_exists=True)
+    reference = {name: dist.choices[0] for name, dist in hardware_distributions(hardware).items()}
+    for ws in _warm_starts(setup):  # on the reference design (every searched field's first choice)
+        study.enqueue_trial({**ws.params, **reference}, user_attrs={"warm_start": ws.label}, skip_if_exists=True)
     study.set_user_attr(SPEC_ATTR, spec.to_dict())  # last: a study with its spec is ready for other drivers
     return study
 
