@@ -23,7 +23,7 @@ parameters it had before): :func:`hardware_distributions`, :func:`suggest_accele
 :func:`accelerator_from_params`. Choices are Optuna values as they are (strings, numbers, booleans, null);
 a mapping choice (e.g. ``lanes``) is its JSON text with sorted keys. A parameter dict without a ``hw.<field>``
 (a plan-only warm start) rebuilds with the field's first choice; a trial enqueued without one gets it from
-the sampler, like any parameter an enqueued trial leaves out.
+the sampler (the co-design sampler, :mod:`dse.codesign`), like any parameter an enqueued trial leaves out.
 """
 
 from __future__ import annotations
@@ -172,7 +172,12 @@ def accelerator_from_params(params: dict, hardware: HardwareSpace):
 
 
 def suggest_accelerator(trial, hardware: HardwareSpace):
-    """Ask an Optuna trial for each parameter of :func:`hardware_distributions`; return the accelerator."""
-    params = {name: trial.suggest_categorical(name, dist.choices)
-              for name, dist in hardware_distributions(hardware).items()}
+    """Ask an Optuna trial for each parameter of :func:`hardware_distributions` (the fields that change the
+    evaluated model, ``dse.codesign.ACCURACY_FIELDS``, first: the co-design sampler chooses the others for
+    the plan and them); return the accelerator."""
+    from dse.codesign import ACCURACY_FIELDS
+
+    dists = hardware_distributions(hardware)
+    order = sorted(dists, key=lambda name: name[len(HW_PREFIX):] not in ACCURACY_FIELDS)
+    params = {name: trial.suggest_categorical(name, dists[name].choices) for name in order}
     return accelerator_from_params(params, hardware)

@@ -56,7 +56,7 @@ from optuna.trial import TrialState
 from dse.arch import PlanMismatch, Workload, check_plan
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
 from dse.hardware import HardwareSpace, searched_hardware
-from dse.space import Unit, build_units, hardware_distributions, suggest_accelerator, suggest_plan
+from dse.space import Unit, build_units, suggest_accelerator, suggest_plan
 from dse.spec import ACCURACY, MODEL_OBJECTIVES, PROXY_KL, SpecError, StudySpec
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,14 @@ def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSample
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def study_sampler(setup: Setup, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler (:func:`make_sampler`), wrapped in the co-design sampler when the spec searches
+    accelerator fields (:mod:`dse.codesign`: the cost model picks the design for each sampled plan)."""
+    from dse.codesign import codesign_sampler
+
+    return codesign_sampler(make_sampler(setup.spec, offset), setup, setup.spec.sampler.seed + offset)
+
+
 def make_storage(spec: StudySpec) -> optuna.storages.RDBStorage:
     """The spec's storage with Optuna's trial heartbeat; stale trials are failed and re-enqueued."""
     with warnings.catch_warnings():  # the heartbeat options are experimental in Optuna 5
@@ -175,13 +183,13 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
     spec = setup.spec
     storage = storage or make_storage(spec)
     try:
-        study = optuna.create_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
+        study = optuna.create_study(study_name=spec.study, storage=storage, sampler=study_sampler(setup),
                                     directions=spec.directions)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.study, storage=storage)
         # A resumed (or second) driver continues the seed sequence instead of repeating the first
         # proposals, which are already in the study: seed + number of trials so far (deterministic).
-        study.sampler = make_sampler(spec, offset=len(study.get_trials(deepcopy=False)))
+        study.sampler = study_sampler(setup, offset=len(study.get_trials(deepcopy=False)))
         stored = _stored_spec(study)
         stored_objectives = [o["name"] for o in stored.get("objectives", [])]
         if stored_objectives != [o.name for o in spec.objectives]:
@@ -203,9 +211,8 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
     hardware = setup.hardware or spec.hardware_space
     if hardware.user_device_entries():  # what `dse export` writes beside a trial's accelerator on such a board
         study.set_user_attr("devices", hardware.user_device_entries())
-    reference = {name: dist.choices[0] for name, dist in hardware_distributions(hardware).items()}
-    for ws in _warm_starts(setup):  # on the reference design (every searched field's first choice)
-        study.enqueue_trial({**ws.params, **reference}, user_attrs={"warm_start": ws.label}, skip_if_exists=True)
+    for ws in _warm_starts(setup):  # their hw.* parameters come from the (co-design) sampler
+        study.enqueue_trial(ws.params, user_attrs={"warm_start": ws.label}, skip_if_exists=True)
     study.set_user_attr(SPEC_ATTR, spec.to_dict())  # last: a study with its spec is ready for other drivers
     return study
 
