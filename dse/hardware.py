@@ -84,6 +84,12 @@ class HardwareSpace:
         with self.active():
             return Accelerator.from_dict(self.values(choice), prefix=prefix)
 
+    def choices(self, name: str) -> list:
+        """The values field ``name`` may take: its choices, its fixed value, or [] when the block leaves it out."""
+        if name in self.searched:
+            return list(self.searched[name])
+        return [self.fixed[name]] if name in self.fixed else []
+
     def first(self) -> Accelerator:
         """The accelerator of every field's first choice (the whole accelerator when nothing is searched)."""
         return self.build()

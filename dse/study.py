@@ -112,6 +112,13 @@ def prepare(spec: StudySpec) -> Setup:
                             else f"model_type {workload.model_type} has no attention to replace")
     check_nm_widths(spec, workload, units)
     hardware = spec.hardware_space
+    if any(o.name in MODEL_OBJECTIVES for o in spec.objectives):
+        unmodelled = [f"{name} {values}" for name, values in (
+            ("kv_bits", [v for v in hardware.choices("kv_bits") if v != 16]),
+            ("attention_window", [v for v in hardware.choices("attention_window") if v is not None])) if values]
+        if unmodelled:
+            log.warning("hardware %s: the accuracy evaluation keeps an FP16 KV cache and full attention, so only "
+                        "the cost model sees these values", ", ".join(unmodelled))
     return Setup(spec, workload, hardware.first(), units, hardware)
 
 
