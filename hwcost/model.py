@@ -300,7 +300,7 @@ class EngineCost:
         return self.macs_per_dsp > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerCost:
     """One row of the per-layer breakdown, per decode step (batch B).
 
@@ -1059,7 +1059,8 @@ def _report(core: _Core, batch: PlanBatch, accel: Accelerator) -> HwReport:
         add(LayerCost(f"{w.block_name(block)}.vector", "vector unit", block, compute_cycles=float(vector)))
 
     engines: list[EngineCost] = []
-    order = list(dict.fromkeys(int(eng.of_row[0, s]) for s, _ in slots if eng.of_row[0, s] >= 0))
+    of_row = eng.of_row[0].tolist()
+    order = list(dict.fromkeys(of_row[s] for s, _ in slots if of_row[s] >= 0))
     if eng.fp16 >= 0 and core.n_attention[0] > 0 and eng.fp16 not in order:
         order.append(eng.fp16)
     fixed_classes = {kernels.engine_class(k, dev.dsp_kind, accel.act_bits) for k in (accel.lanes or {})}
