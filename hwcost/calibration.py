@@ -348,11 +348,15 @@ def _note(metric: str, design: Design, report: HwReport | None) -> str:
     return "; ".join(notes)
 
 
-def _predictions(design: Design) -> dict[str, float | None]:
-    """The model's prediction of every reported figure of ``design`` under the current constants."""
+def _estimate(design: Design) -> HwReport | None:
+    return estimate(design.plan, design.workload, design.accel) if design.accel is not None else None
+
+
+def _predictions(design: Design, report: HwReport | None) -> dict[str, float | None]:
+    """The model's prediction of every reported figure of ``design`` from its ``report`` (:func:`_estimate`
+    under the current constants)."""
     reported = dict(design.published.get("reported", {}))
     reported.update(design.spec.get("derived_reported") or {})
-    report = estimate(design.plan, design.workload, design.accel) if design.accel is not None else None
     storage = storage_figures(design.workload, design.spec["storage"]) if design.spec.get("storage") else {}
     out: dict[str, float | None] = {}
     for metric, value in reported.items():
@@ -382,12 +386,12 @@ def design_rows(design: Design, loo: bool = True) -> list[CalibrationRow]:
     missing = [m for m in reported if m not in checks]
     if missing:
         raise ValueError(f"{design.id}: reported {', '.join(missing)} has no entry under checks in {CALIBRATION_FILE}")
-    report = estimate(design.plan, design.workload, design.accel) if design.accel is not None else None
-    predicted = _predictions(design)
+    report = _estimate(design)
+    predicted = _predictions(design, report)
     left_out = predicted
     if loo and _in_a_fit(design.id):
         with override_constants(_expand(fit(exclude=design.id))):
-            left_out = _predictions(design)
+            left_out = _predictions(design, _estimate(design))
     rows = []
     for metric, tolerance in checks.items():
         if metric not in reported:

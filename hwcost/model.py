@@ -751,7 +751,7 @@ def _core(batch: PlanBatch, accel: Accelerator) -> _Core:
     mem_bps = {m.name: accel.memory_bytes_per_s(m) for m in mems}
     clock_hz = accel.clock_mhz * 1e6
     bpc = sum(mem_bps.values()) / clock_hz
-    B, L, P = accel.batch, accel.context_length, accel.prompt_length
+    B, P = accel.batch, accel.prompt_length
     act_bytes = int(c["activation_bytes"])
     vu_lanes = float(vu["lanes"])
     overlap = float(timing["overlap"])
