@@ -35,10 +35,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dse.pareto import bounds, hypervolume, is_feasible, study_front, trial_losses  # noqa: E402
 from dse.report import pareto_table  # noqa: E402
 from dse.spec import SpecError, StudySpec, parse_spec  # noqa: E402
-from bench_search import run  # noqa: E402 (run or resume a study, its wall time summed over resumptions)
+from bench_search import compare, run  # noqa: E402 (run or resume a study; print two side by side)
 
 SPEC = Path(__file__).resolve().parents[1] / "examples" / "default.yaml"
 TARGET_RATIO = 1.2
@@ -101,31 +100,16 @@ def main() -> int:
             print(f"error: study {spec.study} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
 
-    directions = specs["plan"].directions
     trials = {k: s.get_trials(deepcopy=False) for k, s in studies.items()}
-    feasible = {k: [t for t in ts if is_feasible(t)] for k, ts in trials.items()}
-    both = trial_losses(feasible["plan"] + feasible["co"], directions)
-    if len(both) == 0:
-        print("error: no feasible trial in either study", file=sys.stderr)
+    result = compare(studies, trials, walls, specs["plan"].directions,
+                     {"plan": "(a) plan only", "co": "(b) co-search"})
+    if result is None:
         return 1
-    lo, hi = bounds(both)
-    hv = {k: hypervolume(trial_losses(feasible[k], directions), lo, hi) for k in studies}
-    fronts = {k: study_front(s, trials[k]) for k, s in studies.items()}
-
-    print(f"\n{'':34}{'(a) plan only':>16}{'(b) co-search':>16}")
-    rows = [
-        ("completed trials", lambda k: str(sum(t.state.name == "COMPLETE" for t in trials[k]))),
-        ("feasible (evaluated) trials", lambda k: str(len(feasible[k]))),
-        ("Pareto front size", lambda k: str(len(fronts[k]))),
-        ("hypervolume (shared bounds)", lambda k: f"{hv[k]:.4f}"),
-        ("wall time, s", lambda k: f"{walls[k]:.0f}"),
-    ]
-    for label, cell in rows:
-        print(f"{label:34}{cell('plan'):>16}{cell('co'):>16}")
+    hv, fronts, both = result
     ratio = hv["co"] / hv["plan"] if hv["plan"] > 0 else float("inf")
     print(f"hypervolume ratio co-search / plan only: {ratio:.3f}  (target >= {TARGET_RATIO}: "
           f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})")
-    print(f"bounds: losses of the {len(both)} feasible trials of both studies (maximised objectives negated), "
+    print(f"bounds: losses of the {both} feasible trials of both studies (maximised objectives negated), "
           f"normalised to [0, 1], reference point 1.1")
     print("\naccelerators on (b)'s Pareto front (trial: searched fields):")
     for t in fronts["co"]:

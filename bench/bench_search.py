@@ -114,6 +114,33 @@ def run(spec: StudySpec, progress: bool):
     return study, wall, elapsed
 
 
+def compare(studies: dict, trials: dict, walls: dict, directions, headers: dict, extra_rows=()):
+    """Print two studies side by side (trials, feasible trials, front size, hypervolume with the bounds of both
+    studies' feasible trials, wall time, ``extra_rows``: (label, key -> cell)); returns (hypervolumes, fronts,
+    number of feasible trials of both), or None (after the error line) when neither has a feasible trial."""
+    feasible = {k: [t for t in ts if is_feasible(t)] for k, ts in trials.items()}
+    both = trial_losses([t for k in studies for t in feasible[k]], directions)
+    if len(both) == 0:
+        print("error: no feasible trial in either study", file=sys.stderr)
+        return None
+    lo, hi = bounds(both)
+    hv = {k: hypervolume(trial_losses(feasible[k], directions), lo, hi) for k in studies}
+    fronts = {k: study_front(s, trials[k]) for k, s in studies.items()}
+    keys = list(headers)
+    print(f"\n{'':34}" + "".join(f"{headers[k]:>16}" for k in keys))
+    rows = [
+        ("completed trials", lambda k: str(sum(t.state.name == "COMPLETE" for t in trials[k]))),
+        ("feasible (evaluated) trials", lambda k: str(len(feasible[k]))),
+        ("Pareto front size", lambda k: str(len(fronts[k]))),
+        ("hypervolume (shared bounds)", lambda k: f"{hv[k]:.4f}"),
+        ("wall time, s", lambda k: f"{walls[k]:.0f}"),
+        *extra_rows,
+    ]
+    for label, cell in rows:
+        print(f"{label:34}" + "".join(f"{cell(k):>16}" for k in keys))
+    return hv, fronts, len(both)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=None, help="completed trials per study (default 60; 6 with --quick)")
@@ -180,30 +207,16 @@ def main() -> int:
         if done < spec.trials:
             print(f"error: {spec.study} holds {done} completed trials, not {spec.trials}", file=sys.stderr)
             return 1
-    both = trial_losses(feasible["ours"] + feasible["random"], directions)
-    if len(both) == 0:
-        print("error: no feasible trial in either study", file=sys.stderr)
-        return 1
-    lo, hi = bounds(both)
-    hv = {k: hypervolume(trial_losses(feasible[k], directions), lo, hi) for k in studies}
-    fronts = {k: study_front(s, trials[k]) for k, s in studies.items()}
     sources = {k: layer_sources(s) for k, s in studies.items()}
-
-    print(f"\n{'':34}{'(a) nsga2+warm':>16}{'(b) random':>16}")
-    rows = [
-        ("completed trials", lambda k: str(sum(t.state.name == "COMPLETE" for t in trials[k]))),
-        ("feasible (evaluated) trials", lambda k: str(len(feasible[k]))),
-        ("Pareto front size", lambda k: str(len(fronts[k]))),
-        ("hypervolume (shared bounds)", lambda k: f"{hv[k]:.4f}"),
-        ("wall time, s", lambda k: f"{walls[k]:.0f}"),
-        ("layers computed / from cache", lambda k: f"{sources[k][0]} / {sources[k][1]}"),
-    ]
-    for label, cell in rows:
-        print(f"{label:34}{cell('ours'):>16}{cell('random'):>16}")
+    result = compare(studies, trials, walls, directions, {"ours": "(a) nsga2+warm", "random": "(b) random"},
+                     [("layers computed / from cache", lambda k: f"{sources[k][0]} / {sources[k][1]}")])
+    if result is None:
+        return 1
+    hv, fronts, both = result
     ratio = hv["ours"] / hv["random"] if hv["random"] > 0 else float("inf")
     print(f"hypervolume ratio ours/random: {ratio:.3f}  (target >= {TARGET_RATIO}: "
           f"{'met' if ratio >= TARGET_RATIO else 'NOT met'})")
-    print(f"bounds: losses of the {len(both)} feasible trials of both studies (maximised objectives negated), "
+    print(f"bounds: losses of the {both} feasible trials of both studies (maximised objectives negated), "
           f"normalised to [0, 1], reference point 1.1")
 
     print("\nuniform baselines (study (a)'s evaluated warm starts):")
