@@ -13,9 +13,9 @@ tasks, no user constraints (every plan that fits the device is evaluated on the 
    cache with every layer those plans need and caches the dense reference, so the timed runs
    measure the steady state of a search (load cached layers, proxy forward pass), not compression.
 2. Timed runs alternate 1, 2, 1, 2 actors (``--repeats`` pairs), each a new study in one temporary
-   SQLite database. For each: start the actors (``dse.study.start_actors``), wait until every
+   SQLite database. For each: start the actors (``dse.pool.start_actors``), wait until every
    actor answered ``ping()`` (model and proxy set loaded), then time only the search loop
-   (``dse.study.Driver.run``, built as ``run_study`` builds it), then kill the actors.
+   (``dse.driver.Driver.run``, built as ``run_study`` builds it), then kill the actors.
 3. Trials/hour = completed trials / loop seconds x 3600; per setting the best of its repeats.
    Target: 2 actors >= 1.6x the trials/hour of 1 (2 vCPUs; the driver shares them).
 
@@ -37,7 +37,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dse.spec import StudySpec, parse_spec  # noqa: E402
-from dse.study import Driver, make_storage, open_study, prepare, run_study, start_actors  # noqa: E402
+from dse.driver import Driver  # noqa: E402
+from dse.pool import start_actors  # noqa: E402
+from dse.study import make_storage, open_study, prepare, run_study  # noqa: E402
 from dse.warmstart import warm_starts  # noqa: E402
 
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "default.yaml"

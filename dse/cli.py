@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from dse.study import EvaluationError
+    from dse.driver import EvaluationError
 
     try:
         return args.func(args)
