@@ -473,22 +473,26 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------- the one plan check
-def check_plan(plan: ModelPlan, workload: Workload) -> None:
-    """Raise :class:`PlanMismatch` (one line) for the first thing in ``plan`` the model cannot take.
+def check_plan(plan: ModelPlan, workload: Workload, model: str | None = None) -> None:
+    """Raise :class:`PlanMismatch` (one line) for the first thing in ``plan`` the model cannot take; ``model``
+    (a name the user gave, e.g. ``llama2-7b``) is named in place of "the workload".
 
     Checked: every named layer is a linear layer of the model (an attention projection in any block: the
     MLGRU replacing it inherits its plan; an MLGRU projection only where the plan sets the mixer to mlgru),
     every block index exists and can take its mixer (hgrn_bit blocks have no
     attention to keep), and every N:M pattern's M divides the input width of the layer it applies to
     (MLGRU projections inheriting their counterpart's pattern included). Weight formats and bits are
-    checked by :class:`~dse.plan.WeightFormat` when the plan is built.
+    checked by :class:`~dse.plan.WeightFormat` when the plan is built. Layers the model has and the plan leaves
+    out are no error here (they stay FP16 dense, as a partial search space intends): :func:`left_out` finds the
+    ones a plan written for another model would leave.
     """
     n = workload.num_layers
+    where = model or "the workload"
     mlgru = set()
     for bp in plan.blocks:
         if not 0 <= bp.index < n:
             raise PlanMismatch(f"plan block {bp.index} is not in 0..{n - 1}", block=bp.index, field="index",
-                               problem=f"block {bp.index} is not in the workload (blocks 0..{n - 1})")
+                               problem=f"block {bp.index} is not in {where} (blocks 0..{n - 1})")
         if bp.mixer == "attention" and workload.token_mixer == "mlgru":
             problem = f"model_type {workload.model_type} has no attention; allowed: mlgru"
             raise PlanMismatch(f"plan block {bp.index} mixer 'attention': {problem}", block=bp.index, field="mixer",
@@ -504,7 +508,7 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
             example = next(iter(_linear_layers(workload, workload.native_mlgru_blocks()))).name
             raise PlanMismatch(f"plan layer '{lp.name}' is not a linear layer of the workload (e.g. '{example}', "
                                f"'lm_head'){hint}", layer=lp.name, field="name",
-                               problem=f"is not in the workload ({n} blocks){hint}")
+                               problem=f"is not in {where} ({n} blocks){hint}")
     widths = _widths(workload)
     checked = [(lp.name, lp) for lp in plan.layers]
     if mlgru and workload.token_mixer == "attention":  # substituted projections the plan does not name inherit
@@ -517,6 +521,38 @@ def check_plan(plan: ModelPlan, workload: Workload) -> None:
             raise PlanMismatch(f"layer {name}: M={lp.sparsity.m} does not divide in_features {widths[name]}",
                                layer=name, sparsity=lp.sparsity, field="sparsity",
                                problem=f"M={lp.sparsity.m} does not divide in_features {widths[name]} of {name}")
+
+
+def left_out(plan: ModelPlan, workload: Workload) -> list[str]:
+    """Linear layers of the model (as ``plan`` builds it, in model order) that ``plan`` leaves FP16 dense although
+    it sets the same layer type (:func:`layer_type`, e.g. ``mlp.up_proj``) in another block: what a plan written
+    for a model with fewer blocks (or other block numbers) leaves out. An MLGRU projection inheriting its
+    counterpart's plan counts as set; a layer type the plan sets nowhere (kept dense on purpose) is not listed."""
+    mlgru = {bp.index for bp in plan.blocks if bp.mixer == "mlgru"} | workload.native_mlgru_blocks()
+    named = {lp.name for lp in plan.layers}
+    inherit = _counterparts(workload) if workload.token_mixer == "attention" else {}
+    layers = [layer.name for layer in _linear_layers(workload, frozenset(mlgru))]
+    covered = {name for name in layers if name in named or inherit.get(name) in named}
+    types = {layer_type(name) for name in covered}
+    return [name for name in layers if name not in covered and layer_type(name) in types]
+
+
+def compact_names(names: list[str], workload: Workload, mlgru: Iterable[int] = (), limit: int = 6) -> str:
+    """``names`` (linear layers, model order) in short form: ``model.layers.30.*`` for a block whose every linear
+    layer is listed, ``model.layers.3.mlp.*`` for such a module, else the names; after ``limit`` items
+    ``... (N more)``."""
+    all_layers = [layer.name for layer in _linear_layers(workload, frozenset(mlgru) | workload.native_mlgru_blocks())]
+    listed, items = set(names), []
+    for name in names:
+        block = workload.block_of(name)
+        prefixes = [name.rsplit(".", 1)[0]] if block is None else [workload.block_name(block), name.rsplit(".", 1)[0]]
+        prefix = next((p for p in prefixes if "." in p and all(n in listed for n in all_layers
+                                                               if n.startswith(p + "."))), None)
+        item = f"{prefix}.*" if prefix else name
+        if item not in items:
+            items.append(item)
+    shown = items[:limit]
+    return ", ".join(shown) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 @lru_cache(maxsize=64)

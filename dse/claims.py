@@ -12,6 +12,10 @@ A claim can be taken over only through :meth:`Claims.take_over`, a compare-and-s
 the previous owner and heartbeat, after the caller decided the holder is gone (its trial
 failed, or its heartbeat is older than the grace period). Owners refresh the heartbeat of
 their open claims with :meth:`Claims.touch`.
+
+Every operation is safe to repeat (the driver repeats one whose reply a storage outage cut off): a
+claim or take-over already ours for the same trial succeeds again, a release or touch changes nothing
+the second time.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class Claims:
             held = self.get(kind, key)
             if held is None:  # released in between
                 return self.claim(kind, key, trial)
-            return held
+            return None if self._ours(held, trial) else held
 
     def get(self, kind: str, key: str) -> Claim | None:
         with self.engine.connect() as conn:
@@ -80,12 +84,16 @@ class Claims:
             result = conn.execute(TABLE.update().where(
                 *self._where(kind, key), TABLE.c.owner == held.owner, TABLE.c.heartbeat == held.heartbeat,
                 TABLE.c.trial == held.trial).values(trial=trial, owner=self.owner, heartbeat=time.time()))
-        return result.rowcount == 1
+        return result.rowcount == 1 or self._ours(self.get(kind, key), trial)
 
-    def release(self, kind: str, key: str) -> None:
-        """Drop our claim (e.g. the evaluation failed and someone may retry)."""
+    def release(self, kind: str, key: str, trial: int | None = None) -> None:
+        """Drop our claim (e.g. the evaluation failed and someone may retry); with ``trial``, only if it is that
+        trial's."""
+        where = [*self._where(kind, key), TABLE.c.owner == self.owner]
+        if trial is not None:
+            where.append(TABLE.c.trial == trial)
         with self.engine.begin() as conn:
-            conn.execute(TABLE.delete().where(*self._where(kind, key), TABLE.c.owner == self.owner))
+            conn.execute(TABLE.delete().where(*where))
 
     def touch(self, kind: str, keys: list[str]) -> None:
         """Refresh the heartbeat of our claims ``keys`` of ``kind``."""
@@ -101,6 +109,9 @@ class Claims:
             rows = conn.execute(sa.select(TABLE.c.key, TABLE.c.trial, TABLE.c.owner, TABLE.c.heartbeat).where(
                 TABLE.c.study == self.study, TABLE.c.kind == kind)).all()
         return {key: Claim(trial, owner, heartbeat) for key, trial, owner, heartbeat in rows}
+
+    def _ours(self, held: Claim | None, trial: int) -> bool:
+        return held is not None and held.owner == self.owner and held.trial == trial
 
     def _where(self, kind: str, key: str):
         return TABLE.c.study == self.study, TABLE.c.kind == kind, TABLE.c.key == key

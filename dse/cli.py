@@ -18,16 +18,20 @@ A user's mistake (bad spec field, unknown study, missing model) prints one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from dse.errors import UserError
+from dse.errors import USER_ERROR, OneLineParser, UserError
 
 DEFAULT_STORAGE = "sqlite:///dse-studies.db"
-USER_ERROR = 2
+INTERRUPTED, TERMINATED, BROKEN_PIPE = 130, 143, 141
+"""Exit statuses on SIGINT, SIGTERM and a closed stdout pipe: 128 + the signal's number, as a shell reports it."""
 
 
 class _CurrentStderr(logging.Handler):
@@ -47,6 +51,13 @@ def _existing_storage(storage: str):
         raise UserError(f"--storage: {err}") from None
 
 
+def _masked(storage: str) -> str:
+    """A storage URL as ``dse`` prints it: password masked."""
+    from dse.reader import storage_url
+
+    return storage_url(storage).render_as_string(hide_password=True)
+
+
 def _open_existing(study_name: str, storage: str):
     """Load a stored study without creating anything."""
     import optuna
@@ -55,7 +66,7 @@ def _open_existing(study_name: str, storage: str):
     names = [s.study_name for s in storage_obj.get_all_studies()]
     if study_name not in names:
         listed = ", ".join(names) if names else "none"
-        raise UserError(f"STUDY: '{study_name}' is not in {storage}; studies there: {listed}")
+        raise UserError(f"STUDY: '{study_name}' is not in {_masked(storage)}; studies there: {listed}")
     return optuna.load_study(study_name=study_name, storage=storage_obj)
 
 
@@ -66,24 +77,27 @@ def cmd_start(args) -> int:
     spec = load_spec(args.spec, {"trials": args.trials, "workers": args.workers, "storage": args.storage})
     study = run_study(spec, progress=not args.no_progress)
     print()
-    _print_status(study)
+    _print_status(study, spec.storage_display)
     return 0
 
 
 def cmd_status(args) -> int:
     study = _open_existing(args.study, args.storage)
-    _print_status(study)
+    _print_status(study, _masked(args.storage))
     return 0
 
 
-def _print_status(study) -> None:
+def _print_status(study, storage: str) -> None:
+    """The status of ``study`` as read from ``storage`` (the URL given, password masked): header with the budget in
+    force (the latest run's), searched fields, trial counts, Pareto table, hypervolume."""
+    from dse.identity import budget
     from dse.report import device_label, hardware_line, hypervolume_line, pareto_table, state_counts
 
     spec = study.user_attrs.get("spec", {})
     trials = study.get_trials(deepcopy=False)
     objectives = ", ".join(f"{o['name']} {o['direction']}" for o in spec.get("objectives", []))
-    print(f"study {study.study_name} in {spec.get('storage')}: model {spec.get('model')}, device "
-          f"{device_label(spec)}, budget {spec.get('trials')} trials")
+    print(f"study {study.study_name} in {storage}: model {spec.get('model')}, device "
+          f"{device_label(spec)}, budget {budget(study.user_attrs)} trials")
     if hardware_line(spec):
         print(f"searched with the plan: {hardware_line(spec)}")
     print("  ".join(f"{k.lower()}={v}" for k, v in state_counts(study).items()))
@@ -93,35 +107,70 @@ def _print_status(study) -> None:
 
 
 def cmd_export(args) -> int:
-    from dse.export import choose_trial, export_trial
+    """Write the chosen trial's bundle (:mod:`dse.export`); a screened-out trial is exported with a warning."""
+    from dse.export import choose_trial, export_trial, screened_out
 
     study = _open_existing(args.study, args.storage)
     trial = choose_trial(study, args.trial, args.pick, args.where)
-    for path in export_trial(study, trial, Path(args.out), checkpoint=args.checkpoint, progress=_say):
+    written = export_trial(study, trial, Path(args.out), checkpoint=args.checkpoint, progress=_say, force=args.force)
+    if screened_out(trial):
+        print(f"warning: --trial: {screened_out(trial)}", file=sys.stderr)
+    for path in written:
         print(path)
     return 0
 
 
 def cmd_dashboard(args) -> int:
-    """Serve the Streamlit app; the storage URL reaches it through ``$DSE_STORAGE`` (not the process list)."""
-    import socket
-
+    """Serve the Streamlit app; the storage URL reaches it through ``$DSE_STORAGE`` (not the process list). The
+    Streamlit server is a child process: it is stopped whenever this command ends (Ctrl-C, SIGTERM, an error)."""
     if not 0 < args.port < 65536:
         raise UserError(f"--port: {args.port} is not a TCP port (1-65535)")
     storage = _existing_storage(args.storage)
-    with socket.socket() as probe:
-        try:
-            probe.bind((args.address, args.port))
-        except OSError as err:
-            raise UserError(f"--port: cannot listen on {args.address}:{args.port}: {err.strerror or err}") from None
+    _check_listen(args.address, args.port)
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
                "--server.address", args.address, "--server.headless", "true",
                "--server.fileWatcherType", "none",  # a served page, not a development session
                "--client.toolbarMode", "viewer", "--browser.gatherUsageStats", "false"]
     shown = storage.engine.url.render_as_string(hide_password=True)
-    print(f"dashboard on http://{args.address}:{args.port} reading {shown}", flush=True)
-    return subprocess.call(command, env={**os.environ, "DSE_STORAGE": args.storage})
+    host = f"[{args.address}]" if ":" in args.address else args.address  # an IPv6 address in a URL
+    print(f"dashboard on http://{host}:{args.port} reading {shown}", flush=True)
+    server = subprocess.Popen(command, env={**os.environ, "DSE_STORAGE": args.storage})
+    try:
+        return server.wait()
+    finally:
+        _stop_child(server)
+
+
+def _check_listen(address: str, port: int) -> None:
+    """A one-line UserError unless a TCP server can listen on ``address:port``: an address that does not resolve
+    or is not this machine's is the fault of ``--address``, a port in use or reserved that of ``--port``."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--address: cannot resolve '{address}': {err.strerror} (give an IP address or host name "
+                        "of this machine, e.g. 127.0.0.1)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server binds
+        try:
+            probe.bind(sockaddr)
+        except OSError as err:
+            field = "--port" if err.errno in (errno.EADDRINUSE, errno.EACCES) else "--address"
+            raise UserError(f"{field}: cannot listen on {address}:{port}: {err.strerror or err}") from None
+
+
+def _stop_child(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Ask a child process to exit (SIGTERM), and kill it if it is still running after ``grace_s`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cmd_sensitivity(args) -> int:
@@ -140,8 +189,8 @@ def cmd_sensitivity(args) -> int:
     seq_len = _positive(args.seq_len, "--seq-len") or spec.proxy.seq_len
     out = Path(args.out or f"sensitivity-{spec.study}")
     setup = prepare(spec)
+    _threads(args.threads)  # a bad --threads before minutes of loading
     model, tokenizer = load_model(spec.model)
-    _threads(args.threads)
     proxy = ProxySet.build(tokenizer, windows, seq_len)
     bar = tqdm(desc="sensitivity", unit="choice", disable=args.no_progress)
 
@@ -182,9 +231,9 @@ def cmd_evaluate(args) -> int:
     spec = load_spec(args.spec)
     setup = prepare(spec)
     plan = load_plan(args.plan, setup.workload)
-    check_plan_from(plan, setup.workload, "--plan")
+    check_plan_from(plan, setup.workload, "--plan", spec.model)
+    _threads(args.threads)  # a bad --threads before minutes of loading
     model, tokenizer = load_model(spec.model)
-    _threads(args.threads)
     applier = PlanApplier(model, tokenizer, spec.compression, progress=_say)
     out: dict = {"plan": args.plan}
     if args.fidelity in ("proxy", "both"):
@@ -224,9 +273,10 @@ def _threads(threads: int | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dse", description="Hardware-aware LLM compression search")
+    parser = OneLineParser(prog="dse", description="Hardware-aware LLM compression search")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{start,status,export,dashboard,sensitivity,evaluate,hwcost}")
 
     p = sub.add_parser("start", help="create or resume the study in SPEC and run it to its budget")
     p.add_argument("spec", help="study spec YAML (see examples/default.yaml)")
@@ -254,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="only trials meeting it, e.g. 'decode_tokens_per_s>=30' (repeatable)")
             p.add_argument("--checkpoint", action="store_true",
                            help="also write the compressed model (packed safetensors + loader metadata)")
+            p.add_argument("--force", action="store_true",
+                           help="replace another trial's bundle in --out (never files that are not a bundle's)")
 
     p = sub.add_parser("dashboard", help="serve the Streamlit dashboard")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")
@@ -288,7 +340,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_terminated = False
+"""Whether the running command got SIGTERM (:func:`_terminate`)."""
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (``kill``, a service manager, ``docker stop``) unwinds the command as Ctrl-C does, so its ``finally``
+    blocks stop what it started (the driver re-queues its interrupted trials, kills its actors and shuts its local
+    Ray down; the dashboard stops its Streamlit server). It raises a plain KeyboardInterrupt (Ray's blocking calls
+    re-raise any KeyboardInterrupt as a plain one), and :data:`_terminated` tells the two signals apart."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the command runs, SIGTERM is handled by :func:`_terminate` (the previous handler is restored after)."""
+    global _terminated
+    _terminated = False
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit status 0, 1 (evaluations keep failing), 2 (a user mistake, one ``error:`` line),
+    130 on SIGINT and 143 on SIGTERM (after the command stopped what it started), 141 when stdout is a pipe whose
+    reader went away (``dse status | head``: no traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s",
                         handlers=[_CurrentStderr()], force=True)
@@ -300,7 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     from dse.driver import EvaluationError
 
     try:
-        return args.func(args)
+        with _sigterm_unwinds():
+            code = args.func(args)
+            sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
+        return BROKEN_PIPE
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR
@@ -308,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the study keeps every completed trial", file=sys.stderr)
-        return 130
+        kept = "; the study keeps every completed trial" if args.command == "start" else ""
+        print(f"{'terminated' if _terminated else 'interrupted'}{kept}", file=sys.stderr)
+        return TERMINATED if _terminated else INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -18,11 +18,29 @@ condition (``metric >= value`` or ``<=`` on a hardware metric, ``proxy_kl``, ``p
 * ``min-energy``: the fewest joules per token;
 * ``knee``: the trial nearest (Euclidean) to the ideal point once each objective is normalised
   to [0, 1] between the best and worst candidate.
+
+A screened-out trial (refused by the hardware screen, never evaluated) may be exported with ``--trial N``: a user
+may want the plan of a design that does not fit; :func:`screened_out` gives the warning ``dse export`` prints on
+stderr, and ``summary.txt``, ``evaluation.json`` and ``bundle.json`` say so.
+
+The bundle directory
+--------------------
+Everything (plan.yaml, accelerator.yaml, hw_report.json, evaluation.json, summary.txt, checkpoint/ when asked)
+is written into a new sibling directory, ``bundle.json`` last, which then takes the place of ``--out``
+(:func:`dse.textio.replacing_directory`): ``--out`` holds a whole bundle or what it held before, never a mix, and
+nothing is left behind when writing fails or is interrupted. ``bundle.json`` names the study, the trial, its plan
+hash and every file with its size and sha256 (``sha256sum`` of the file gives the same hex digest).
+``--out`` may be a new directory, an empty one, or one holding the bundle of the same trial (replaced); one
+holding another trial's or another study's bundle is refused unless ``force`` (then replaced whole: no file of
+the old bundle survives next to the new one); a file, or a directory holding anything that is not part of a
+bundle, is always refused (``--force`` never deletes files that are not a bundle's).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -32,11 +50,17 @@ import yaml
 
 from dse.errors import UserError
 from dse.pareto import bounds, is_feasible, losses, study_front
+from dse.plan import ModelPlan
 from dse.records import TrialRecords
 from dse.report import hw_metrics, trial_row
+from dse.textio import replacing_directory
 
 PICKS = ("knee", "max-accuracy", "min-latency", "min-energy")
 WHERE_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+BUNDLE = "bundle.json"
+BUNDLE_FORMAT = "dse-export-bundle"
+BUNDLE_FILES = ("plan.yaml", "accelerator.yaml", "hw_report.json", "evaluation.json", "summary.txt", "checkpoint")
+"""What a bundle holds besides ``bundle.json`` (the names of bundles written before it)."""
 
 
 class ExportError(UserError, ValueError):
@@ -144,22 +168,120 @@ def accelerator_yaml(study: optuna.Study, accelerator: dict) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def screened_out(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The warning for a trial the hardware screen refused (never evaluated), naming the constraints it breaks;
+    None for any other trial."""
+    if trial.user_attrs.get("evaluated") is not False:
+        return None
+    broken = ", ".join("fits the device" if k == "fits" else k
+                       for k, v in (trial.user_attrs.get("constraints") or {}).items() if v > 0) or "a constraint"
+    return (f"trial {trial.number} was screened out by the hardware screen (it breaks {broken}) and never "
+            "evaluated: the bundle has its plan and hardware report, no accuracy")
+
+
+def bundle_identity(out: Path) -> dict | None:
+    """What the directory ``out`` holds: ``{study, trial, plan_hash, files}`` of the bundle there (its
+    ``bundle.json``; for a bundle written before it, ``plan.yaml``'s header and :data:`BUNDLE_FILES`), or None when
+    it holds no bundle. ``files``: the top-level names that belong to it."""
+    manifest = out / BUNDLE
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+            return {"study": data["study"], "trial": data["trial"], "plan_hash": data.get("plan_hash"),
+                    "files": {BUNDLE} | {name.split("/", 1)[0] for name in data["files"]}}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return None
+    try:
+        header = yaml.safe_load((out / "plan.yaml").read_text())
+        return {"study": header["study"], "trial": header["trial"],
+                "plan_hash": ModelPlan.from_dict(header["plan"]).hash, "files": set(BUNDLE_FILES)}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def check_out(out: Path, study_name: str, number: int, plan_hash: str | None, force: bool = False) -> None:
+    """Refuse (:class:`ExportError`, one line) an ``--out`` the bundle of trial ``number`` of ``study_name`` (plan
+    ``plan_hash``) may not replace (module docstring): a file, a directory with anything but a bundle, or one with
+    another trial's bundle unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out: {out} is a file, not a directory; give a new or empty directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    held = bundle_identity(out)
+    foreign = [name for name in entries if held is None or name not in held["files"]]
+    if foreign:
+        raise ExportError(f"--out: {out} holds '{foreign[0]}', which is not part of a bundle; give a new or empty "
+                          "directory (--force replaces only a bundle)")
+    same = (held["study"], held["trial"]) == (study_name, number) and held["plan_hash"] in (None, plan_hash)
+    if not (same or force):
+        other = "" if (held["study"], held["trial"]) != (study_name, number) else " of another storage (another plan)"
+        raise ExportError(f"--out: {out} holds the bundle of study '{held['study']}' trial {held['trial']}{other}; "
+                          "give another --out, or --force to replace it")
+
+
+def _in_bundle(filename, out: Path) -> bool:
+    """Whether an OSError's ``filename`` is ``out``, in it, or in the sibling directories written for it."""
+    if not filename:
+        return False
+    parts = Path(os.path.abspath(filename)).parts
+    top = parts[:len(out.parts)]
+    return len(top) == len(out.parts) and top[:-1] == out.parts[:-1] and (
+        top[-1] == out.name or top[-1].startswith(f".{out.name}."))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
-                 progress=None, records: TrialRecords | None = None) -> list[Path]:
-    """Write the bundle for ``trial`` into ``out``; with ``checkpoint`` also the compressed model in
-    ``out/checkpoint`` (loadable with :func:`evaluators.checkpoint.load_checkpoint`). Returns the files.
-    ``records``: the study's (default: found through the storage the study was loaded from)."""
+                 progress=None, records: TrialRecords | None = None, force: bool = False) -> list[Path]:
+    """Write the bundle for ``trial`` into the directory ``out``, atomically (module docstring; ``force``: replace
+    another trial's bundle); with ``checkpoint`` also the compressed model in ``out/checkpoint`` (loadable with
+    :func:`evaluators.checkpoint.load_checkpoint`). Returns the files, ``bundle.json`` last. ``records``: the
+    study's (default: found through the storage the study was loaded from). :class:`ExportError` for an ``--out``
+    that may not be replaced or cannot be written."""
+    records = records or TrialRecords.of(study)
+    plan = records.plan(trial)
+    plan_hash = ModelPlan.from_dict(plan).hash if plan else None
+    out = Path(os.path.abspath(out))
+    check_out(out, study.study_name, trial.number, plan_hash, force)
+    ancestor = next(p for p in out.parents if p.exists())
+    if not ancestor.is_dir():
+        raise ExportError(f"--out: {ancestor} is a file, not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"--out: cannot create {out.parent}: {err.strerror or err}") from None
+    try:
+        with replacing_directory(out) as tmp:
+            names = _write_bundle(study, trial, tmp, records, checkpoint, progress)
+            _write_manifest(tmp, names, study.study_name, trial, plan_hash)
+    except OSError as err:  # about the bundle's own paths: --out; anything else (a model file) is not ours
+        if not _in_bundle(err.filename, out):
+            raise
+        raise ExportError(f"--out: cannot write {out}: {err.strerror or err}") from None
+    return [out / name for name in names] + [out / BUNDLE]
+
+
+def _write_bundle(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, records: TrialRecords,
+                  checkpoint: bool, progress) -> list[str]:
+    """The bundle's files (not ``bundle.json``) in the new directory ``out``; their paths relative to it."""
     from dse.study import full_result
 
-    records = records or TrialRecords.of(study)
     plan, hw = records.plan(trial), records.report(trial) or {}
     accelerator = trial_accelerator(study, trial, records)
-    out.mkdir(parents=True, exist_ok=True)
     spec = study.user_attrs.get("spec", {})
     full = full_result(study, trial)
     header = {"study": study.study_name, "trial": trial.number, "model": spec.get("model"),
               "device": (accelerator or spec.get("hardware", {})).get("device")}
     evaluation = dict(trial.user_attrs.get("eval", {"evaluated": False}))
+    if screened_out(trial):
+        evaluation["screened_out"] = screened_out(trial)
     if full is not None:
         evaluation["full"] = full
     files = {
@@ -169,20 +291,28 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
         "evaluation.json": json.dumps(evaluation, indent=1),
         "summary.txt": summary_text(study, trial, full, hw),
     }
-    written = []
     for name, text in files.items():
-        path = out / name
-        path.write_text(text)
-        written.append(path)
+        (out / name).write_text(text)
+    written = list(files)
     if checkpoint:
-        from dse.plan import ModelPlan
         from evaluators.settings import CompressionSpec
         from evaluators.checkpoint import write_checkpoint
 
         compression = CompressionSpec(**spec.get("compression", {}))
-        written += write_checkpoint(spec["model"], ModelPlan.from_dict(plan), compression,
-                                    out / "checkpoint", progress=progress)
+        paths = write_checkpoint(spec["model"], ModelPlan.from_dict(plan), compression, out / "checkpoint",
+                                 progress=progress)
+        written += [path.relative_to(out).as_posix() for path in paths]
     return written
+
+
+def _write_manifest(out: Path, names: list[str], study_name: str, trial: optuna.trial.FrozenTrial,
+                    plan_hash: str | None) -> None:
+    """``bundle.json``: what the bundle is and every file's bytes and sha256."""
+    manifest = {"format": BUNDLE_FORMAT, "version": 1, "study": study_name, "trial": trial.number,
+                "plan_hash": plan_hash, "screened_out": bool(screened_out(trial)),
+                "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
+                          for name in names}}
+    (out / BUNDLE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dict | None = None,
@@ -197,6 +327,8 @@ def summary_text(study: optuna.Study, trial: optuna.trial.FrozenTrial, full: dic
               if k not in ("trial", "warm_start")]
     if full is None and trial.user_attrs.get("evaluated") and "eval" in trial.user_attrs:
         lines.append("  full fidelity: not promoted (only the proxy was measured)")
+    if screened_out(trial):
+        lines.insert(1, f"  SCREENED OUT, NOT EVALUATED: {screened_out(trial)}")
     if hw:
         lines.append(f"  fits: {hw.get('fits')}  utilisation: "
                      + ", ".join(f"{k} {v:.1%}" for k, v in hw.get("utilisation", {}).items()))

@@ -26,30 +26,111 @@ from optuna.trial import FrozenTrial
 from dse.errors import UserError
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+"""Database URL schemes a study storage may use."""
+
+
 class StorageError(UserError, ValueError):
-    """A storage URL that names no readable study storage (one-line message)."""
+    """A storage URL that names no readable study storage (one-line message, password masked)."""
 
 
-def existing_storage(url: str) -> optuna.storages.RDBStorage:
-    """Open the study storage at ``url`` for reading, creating nothing: a missing SQLite file stays missing,
-    and a database without Optuna's tables is refused. Raises :class:`StorageError`."""
+CONNECT_TIMEOUT_S = 5
+"""How long a PostgreSQL server may take to answer a connection before the storage counts as unreachable."""
+
+
+def storage_url(url: str):
+    """``url`` parsed (a :class:`sqlalchemy.engine.URL`); :class:`StorageError` for a malformed one (a
+    non-numeric port included) or a scheme other than :data:`STORAGE_SCHEMES`."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError
 
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise StorageError(f"{url!r} is not a database URL such as sqlite:///dse-studies.db") from None
+    except ValueError:  # make_url's int() of the port
+        port = url.rpartition("@")[2].partition("/")[0].rpartition(":")[2]
+        raise StorageError(f"port {port!r} of the database URL is not a number (e.g. "
+                           "postgresql://user@host:5432/db)") from None
+    if parsed.drivername not in STORAGE_SCHEMES:
+        raise StorageError(f"scheme '{parsed.drivername}' is not one of {', '.join(STORAGE_SCHEMES)}")
+    return parsed
+
+
+def _engine_kwargs(parsed) -> dict:
+    """Engine options of every storage ``dse`` opens: a pre-ping, and a bounded connection wait on a server."""
+    kwargs: dict = {"pool_pre_ping": True}
+    if not parsed.drivername.startswith("sqlite"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def _has_study_tables(parsed) -> bool:
+    """Connect once to the database of ``parsed`` and tell whether it holds Optuna's tables; StorageError
+    (the driver's reason, one line) when it cannot be reached or read, without creating anything."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = sqlalchemy.create_engine(parsed, **_engine_kwargs(parsed))
+    except ImportError as err:
+        raise StorageError(f"cannot open {_shown(parsed)}: {err}") from None
+    try:
+        with engine.connect() as connection:
+            return sqlalchemy.inspect(connection).has_table("studies")
+    except SQLAlchemyError as err:
+        reason = " ".join(str(getattr(err, "orig", None) or err).strip().splitlines()[0].split())[:200]
+        raise StorageError(f"cannot open {_shown(parsed)}: {reason}") from None
+    finally:
+        engine.dispose()
+
+
+def _shown(parsed) -> str:
+    return parsed.render_as_string(hide_password=True)
+
+
+def _reader(url: str, parsed) -> optuna.storages.RDBStorage:
+    """Optuna's storage on a database known to hold its tables, creating nothing."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True, engine_kwargs=_engine_kwargs(parsed))
+    except (SQLAlchemyError, RuntimeError) as err:  # RuntimeError: a table schema of another Optuna version
+        reason = str(err).strip().splitlines()[0][:200]
+        raise StorageError(f"cannot read studies from {_shown(parsed)}: {reason}") from None
+
+
+def existing_storage(url: str) -> optuna.storages.RDBStorage:
+    """Open the study storage at ``url`` for reading, creating nothing: a missing SQLite file stays missing,
+    and a database without Optuna's tables is refused. Raises :class:`StorageError`."""
+    parsed = storage_url(url)
     if parsed.drivername.startswith("sqlite") and (not parsed.database or not Path(parsed.database).exists()):
         raise StorageError(f"SQLite file '{parsed.database}' does not exist (no studies there)")
-    try:
-        storage = optuna.storages.RDBStorage(url, skip_table_creation=True, engine_kwargs={"pool_pre_ping": True})
-        storage.get_all_studies()
-    except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0][:200]
-        raise StorageError(f"cannot read studies from {parsed.render_as_string(hide_password=True)}: "
-                           f"{reason}") from None
-    return storage
+    if not _has_study_tables(parsed):
+        raise StorageError(f"{_shown(parsed)} holds no studies (no Optuna tables)")
+    return _reader(url, parsed)
+
+
+def storage_to_create(url: str) -> optuna.storages.RDBStorage | None:
+    """Check the storage ``dse start`` will create its study in, creating nothing: the storage for reading when
+    it holds Optuna's tables, None when it holds none yet (a new SQLite file in an existing, writable folder; a
+    reachable empty database). Raises :class:`StorageError` for an unreachable or refused server, an unknown
+    role or database, a SQLite path in a missing folder, a file that is not a database."""
+    import os
+
+    parsed = storage_url(url)
+    if parsed.drivername.startswith("sqlite"):
+        path = Path(parsed.database)
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise StorageError(f"folder '{folder}' of SQLite file '{path}' does not exist (create it first)")
+        if not path.exists():
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise StorageError(f"cannot create SQLite file '{path}': folder '{folder}' is not writable")
+            return None
+        if path.is_dir():
+            raise StorageError(f"SQLite path '{path}' is a folder, not a database file")
+    return _reader(url, parsed) if _has_study_tables(parsed) else None
 
 
 @dataclass

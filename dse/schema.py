@@ -245,28 +245,50 @@ PLAN_ITEMS = {"layers": LayerPlan("x"), "blocks": BlockPlan(0)}
 """The lists of a plan mapping and an instance of their items (whose ``to_dict`` keys a file may give)."""
 
 
-def plan_from_data(data: dict) -> ModelPlan:
+EXPORT_HEADER = ("study", "trial", "model", "device")
+"""The keys ``dse export`` writes above ``plan`` in its plan.yaml."""
+
+
+def plan_from_file(data: dict) -> ModelPlan:
+    """The plan of a plan file's top-level mapping: ``dse export``'s plan.yaml (the plan under ``plan``, next to
+    the :data:`EXPORT_HEADER` keys; its fields named ``plan.layers[0]...``) or a bare plan mapping; any unknown
+    key at any level is a :class:`PlanError` naming its path (with the closest allowed key)."""
+    if "plan" in data:
+        for key in data:
+            if key not in (*EXPORT_HEADER, "plan"):
+                raise PlanError(f"{key}: {unknown_key(key, [*EXPORT_HEADER, 'plan'])}")
+        if not isinstance(data["plan"], dict):
+            raise PlanError("plan: expected a mapping with version, layers, blocks")
+        return plan_from_data(data["plan"], "plan.")
+    if not {"layers", "blocks"} & set(data):
+        raise PlanError("expected a ModelPlan mapping (version, layers, blocks) or a 'dse export' plan.yaml with "
+                        "a top-level 'plan'")
+    return plan_from_data(data)
+
+
+def plan_from_data(data: dict, prefix: str = "") -> ModelPlan:
     """A plan mapping (``ModelPlan.to_dict``'s form, fields optional as ``from_dict`` reads them) checked key by
-    key; :class:`PlanError` ``'<path>: <problem>'`` names the first unknown key or bad value."""
+    key; :class:`PlanError` ``'<path>: <problem>'`` names the first unknown key or bad value (paths after
+    ``prefix``)."""
     def keys(item: Any, allowed: list[str], path: str) -> None:
         if not isinstance(item, dict):
-            raise PlanError(f"{path}: expected a mapping with {', '.join(allowed)}")
+            raise PlanError(f"{prefix}{path}: expected a mapping with {', '.join(allowed)}")
         for key in item:
             if key not in allowed:
-                raise PlanError(f"{path + '.' if path else ''}{key}: {unknown_key(key, allowed)}")
+                raise PlanError(f"{prefix}{path + '.' if path else ''}{key}: {unknown_key(key, allowed)}")
 
     keys(data, list(ModelPlan().to_dict()), "")
     for key, sample in PLAN_ITEMS.items():
         if not isinstance(data.get(key) or [], list):
-            raise PlanError(f"{key}: expected a list")
+            raise PlanError(f"{prefix}{key}: expected a list")
         allowed = list(sample.to_dict())
         for i, item in enumerate(data.get(key) or []):
             keys(item, allowed, f"{key}[{i}]")
             if allowed[0] not in item:
-                raise PlanError(f"{key}[{i}].{allowed[0]}: is required")
+                raise PlanError(f"{prefix}{key}[{i}].{allowed[0]}: is required")
             try:
                 type(sample).from_dict(item)
             except (TypeError, ValueError) as err:
                 name = f" ({item['name']})" if key == "layers" else ""
-                raise PlanError(f"{key}[{i}]{name}: {err}{nm_hint(item.get('sparsity'))}") from None
+                raise PlanError(f"{prefix}{key}[{i}]{name}: {err}{nm_hint(item.get('sparsity'))}") from None
     return ModelPlan.from_dict({**data, **{key: data.get(key) or [] for key in PLAN_ITEMS}})

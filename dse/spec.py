@@ -33,7 +33,6 @@ HW_OBJECTIVES = {name: info["direction"] for name, info in METRICS.items()}
 """Hardware metric name -> natural direction."""
 CONSTRAINT_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 
 
 class SpecError(SchemaError):
@@ -271,17 +270,13 @@ def _study_name(value: Any) -> str:
 
 
 def _storage(value: Any) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from dse.reader import StorageError, storage_url
 
     url = check_text(value)
     try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ValueError(f"{url!r} is not a database URL such as sqlite:///studies.db "
-                         "or postgresql://user@host:5432/db") from None
-    if parsed.drivername not in STORAGE_SCHEMES:
-        raise ValueError(f"scheme '{parsed.drivername}' is not one of {', '.join(STORAGE_SCHEMES)}")
+        parsed = storage_url(url)
+    except StorageError as err:
+        raise ValueError(str(err)) from None
     if parsed.drivername == "sqlite" and not parsed.database:
         raise ValueError("an in-memory sqlite URL cannot hold a study; give a file, e.g. sqlite:///studies.db")
     return url

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dse.arch import PlanMismatch, Workload, check_plan
-from dse.hardware import HardwareSpace, searched_hardware
+from dse.hardware import HardwareSpace
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
 from dse.space import Unit, build_units
 from dse.spec import ACCURACY, MODEL_OBJECTIVES, PROXY_KL, SpecError, StudySpec
@@ -150,9 +150,12 @@ def retry_callback():
 
 
 def open_study(setup: Setup, storage=None) -> optuna.Study:
-    """Create the study (with its warm starts) or load it; refuses a stored study whose objectives or searched
-    accelerator fields differ from the spec's. Safe when several drivers start at once: one creates, the others
-    load. Run it with the spec's user devices known (:meth:`dse.hardware.HardwareSpace.active`)."""
+    """Create the study (with its warm starts) or load it; refuses a stored study whose spec differs from this one
+    in what a trial means (:mod:`dse.identity`). Safe when several drivers start at once: one creates, the others
+    load. Either way this run's changeable fields are recorded (:func:`dse.identity.run_record`). Run it with the
+    spec's user devices known (:meth:`dse.hardware.HardwareSpace.active`)."""
+    from dse.identity import run_record
+
     spec = setup.spec
     storage = storage or make_storage(spec)
     try:
@@ -160,19 +163,11 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
                                     directions=spec.directions)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.study, storage=storage)
+        check_resume(setup, study)
         # A resumed (or second) driver continues the seed sequence instead of repeating the first
         # proposals, which are already in the study: seed + number of trials so far (deterministic).
         study.sampler = study_sampler(setup, offset=len(study.get_trials(deepcopy=False)))
-        stored = _stored_spec(study)
-        stored_objectives = [o["name"] for o in stored.get("objectives", [])]
-        if stored_objectives != [o.name for o in spec.objectives]:
-            raise SpecError("objectives", f"study '{spec.study}' exists in {spec.storage_display} with objectives "
-                                          f"{stored_objectives}; use another study name") from None
-        stored_searched, searched = searched_hardware(stored.get("hardware", {})), searched_hardware(spec.hardware)
-        if stored and stored_searched != searched:
-            raise SpecError("hardware", f"study '{spec.study}' exists in {spec.storage_display} searching "
-                                        f"{_searched_text(stored_searched)}; this spec searches "
-                                        f"{_searched_text(searched)}; use another study name") from None
+        study.set_user_attr(*run_record(spec))
         return study
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -186,12 +181,85 @@ def open_study(setup: Setup, storage=None) -> optuna.Study:
         study.set_user_attr("devices", hardware.user_device_entries())
     for ws in _warm_starts(setup):  # their hw.* parameters come from the (co-design) sampler
         study.enqueue_trial(ws.params, user_attrs={"warm_start": ws.label}, skip_if_exists=True)
+    study.set_user_attr(*run_record(spec))
     study.set_user_attr(SPEC_ATTR, spec.to_dict())  # last: a study with its spec is ready for other drivers
     return study
 
 
-def _searched_text(searched: dict) -> str:
-    return "; ".join(f"{k} {v}" for k, v in searched.items()) or "no accelerator field"
+def check_resume(setup: Setup, study: optuna.Study) -> None:
+    """Refuse to resume ``study`` with ``setup``'s spec when they differ in what a trial means (one SpecError
+    line naming the fields, :func:`dse.identity.check_identity`); a study stored without a spec is not checked."""
+    from dse.identity import check_identity
+
+    stored = _stored_spec(study)
+    if stored:
+        check_identity(stored, study.user_attrs, setup.spec, setup.workload.to_dict())
+    else:
+        log.warning("study '%s' has no stored spec to compare with (written by an old version)", study.study_name)
+
+
+def check_storage(setup: Setup) -> None:
+    """Before any work: the storage answers and can take the study (:func:`dse.reader.storage_to_create`), and a
+    study of this name there has this spec (:func:`check_resume`). One ``storage: ...`` line (password masked)
+    otherwise; creates nothing."""
+    from dse.reader import StorageError, storage_to_create
+
+    spec = setup.spec
+    try:
+        reader = storage_to_create(spec.storage)
+    except StorageError as err:
+        raise SpecError("storage", str(err)) from None
+    if reader is None:
+        return
+    try:
+        if spec.study in {s.study_name for s in reader.get_all_studies()}:
+            check_resume(setup, optuna.load_study(study_name=spec.study, storage=reader))
+    finally:
+        reader.engine.dispose()
+
+
+def check_evaluation(spec: StudySpec) -> None:
+    """Before any work of a study with a model objective: every task loads here with its data and reports its
+    chosen metric (:func:`evaluators.tasks.reported_metrics`), and the model's weights files match its config
+    (:func:`evaluators.models.check_weights`). One SpecError line naming ``tasks[i].name``,
+    ``tasks[i].metric`` or ``model``."""
+    from evaluators.models import check_weights
+    from evaluators.tasks import TaskDataError, reported_metrics
+
+    for i, task in enumerate(spec.tasks):
+        try:
+            metrics = reported_metrics(task.name, spec.task_seed)
+        except TaskDataError as err:
+            raise SpecError(f"tasks[{i}].name", str(err)) from None
+        if task.metric not in metrics:
+            raise SpecError(f"tasks[{i}].metric", f"'{task.metric}' is not a metric lm-eval reports for "
+                                                  f"{task.name}; it reports {', '.join(metrics)}")
+    check_weights(spec.model)
+
+
+def check_feasible(spec: StudySpec, study: optuna.Study) -> None:
+    """After the run: when no completed trial met the constraints, one SpecError line naming each constraint no
+    plan met and the best value seen (``constraints: no plan of 10 met 'decode_tokens_per_s >= 1e+06' (best
+    seen 312.4)``), or the device no plan fit."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not trials or any(max(t.user_attrs.get("constraints", {"": 0}).values()) <= 0 for t in trials):
+        return
+    unmet = []
+    for c in spec.constraints:
+        if all(t.user_attrs["constraints"].get(str(c), 0) > 0 for t in trials):
+            seen = [t.user_attrs["hw_metrics"][c.metric] for t in trials if c.metric in t.user_attrs["hw_metrics"]]
+            best = (max if c.op == ">=" else min)(seen) if seen else float("nan")
+            unmet.append(f"'{c}' (best seen {best:.4g})")
+    if unmet:
+        raise SpecError("constraints", f"no plan of {len(trials)} met {' or '.join(unmet)}; relax the constraint "
+                                       "or change the space or the hardware")
+    if all(t.user_attrs["constraints"].get("fits", 0) > 0 for t in trials):
+        least = min(t.user_attrs["constraints"]["fits"] for t in trials)
+        devices = " | ".join(map(str, spec.hardware_space.device_names()))
+        raise SpecError("hardware.device", f"no plan of {len(trials)} fits {devices} (the closest needs "
+                                           f"{least:.1%} more than the device has)")
+    together = ", ".join([*map(str, spec.constraints), "fitting the device"])
+    raise SpecError("constraints", f"no plan of {len(trials)} met all of {together} at once")
 
 
 def _warm_starts(setup: Setup):
@@ -275,8 +343,14 @@ def completed(study: optuna.Study) -> int:
 
 
 def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
-    """Run the study to ``spec.trials`` completed trials (then the final promotion); returns the study. The spec's
-    user devices (``hardware.devices_file``) are known while it runs; a hardware-only study starts no Ray."""
+    """Run the study to ``spec.trials`` completed trials (then the final promotion); returns the study. Every check
+    that can run before work does, in this order: the spec against the model config and task names
+    (:func:`prepare`), the storage and the stored study's spec (:func:`check_storage`), the tasks' data and
+    metrics and the model's weights (:func:`check_evaluation`, when an objective needs the model); only then
+    does Ray start (its address checked before the study is created: an unreachable one leaves no study) and
+    the study get created. The spec's user devices (``hardware.devices_file``) are known while it runs; a
+    hardware-only study starts no Ray. A run whose every trial broke a constraint ends in
+    :func:`check_feasible`'s one line."""
     from tqdm import tqdm
 
     from dse.claims import Claims
@@ -284,8 +358,11 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
     from dse.pool import kill_actors, start_actors
 
     setup = prepare(spec)
-    # first: a Ray address that does not answer must not leave a new study behind
-    actors = start_actors(spec) if any(o.name in MODEL_OBJECTIVES for o in spec.objectives) else []
+    check_storage(setup)
+    model_objective = any(o.name in MODEL_OBJECTIVES for o in spec.objectives)
+    if model_objective:
+        check_evaluation(spec)
+    actors = start_actors(spec) if model_objective else []
     with setup.hardware.active():
         try:
             storage = make_storage(spec)
@@ -301,4 +378,5 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
             bar.close()
             claims.close()
             kill_actors(actors)
+    check_feasible(spec, study)
     return study

@@ -1,8 +1,12 @@
-"""Text output every package shares (vocabulary layer: stdlib only): atomic file writes and aligned tables."""
+"""Text output every package shares (vocabulary layer: stdlib only): atomic file and directory writes and
+aligned tables."""
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,42 @@ def replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+@contextmanager
+def replacing_directory(path: Path) -> Iterator[Path]:
+    """A new empty sibling directory of ``path`` to write into; when the block ends without an error it takes the
+    place of ``path`` (renamed into place; a directory already there is first renamed aside, then removed), so
+    ``path`` holds either its old contents or the complete new ones, never a mix. On an error (or an interrupt)
+    the sibling is removed and ``path`` is untouched. OSError when the parent does not exist or is not writable.
+    ``path`` itself, when it exists, must be a directory (the caller decides whether replacing it is wanted)."""
+    path = Path(os.path.abspath(path))
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{path.name}.tmp{token}")
+    os.mkdir(tmp)  # honours the umask, unlike tempfile.mkdtemp's 0700
+    try:
+        yield tmp
+        _rename_into_place(tmp, path, path.with_name(f".{path.name}.old{token}"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _rename_into_place(new: Path, path: Path, aside: Path) -> None:
+    """``new`` becomes ``path``; an existing non-empty ``path`` directory goes to ``aside`` first and is removed."""
+    try:
+        os.rename(new, path)  # path missing, or an empty directory
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    os.rename(path, aside)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

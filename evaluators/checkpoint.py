@@ -15,8 +15,16 @@ Directory
 * tokenizer files (``tokenizer.json``, ``tokenizer_config.json``, ...), as ``save_pretrained`` writes them;
 * ``checkpoint.json``: ``format``, ``format_version``, the model name and fingerprint, the plan
   (``ModelPlan.to_dict``), the compression settings (``CompressionSpec``), the MLGRU mixers
-  (block, lower bound, norm eps), ``tied_embeddings``, byte counts, and ``layers``: one record per
-  compressed layer (below). Written last: a directory without it is not a checkpoint.
+  (block, lower bound, norm eps), ``tied_embeddings``, byte counts, ``layers``: one record per
+  compressed layer (below), and ``tensor_sha256``: tensor name -> sha256 (hex) of its bytes as stored (C order,
+  little-endian), for every tensor of ``model.safetensors``. Written last: a directory without it is not a
+  checkpoint.
+
+Integrity: :func:`load_checkpoint` hashes every tensor it reads (sha256, about 1 s per GB) and refuses, with one
+line naming the file and the tensor, a tensor whose bytes differ from its recorded sum, a tensor without a sum and
+a sum without its tensor: flipped or truncated bytes never load as a silently different model. Version 1
+checkpoints (written before the sums) are refused with the way out: export them again (``dse export --trial N
+--checkpoint``, which reads the compressed layers from the study's cache).
 
 Tensors of a compressed linear layer ``<L>`` (weight ``[rows, cols]`` = ``[out_features, in_features]``)
 ------------------------------------------------------------------------------------------------------
@@ -54,6 +62,7 @@ name. With tied embeddings and an uncompressed ``lm_head`` only ``model.embed_to
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -76,13 +85,14 @@ from evaluators.compress.packed import PackedWeight
 from evaluators.compress.ternary import ACT_BITS, activation_hook
 
 FORMAT = "dse-compressed-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: version 1 plus ``tensor_sha256`` (version 1 is refused: no sums to check)."""
 WEIGHTS = "model.safetensors"
 MANIFEST = "checkpoint.json"
 CONFIG = "config.json"
 
 __all__ = ["write_checkpoint", "load_checkpoint", "save_applied", "read_manifest", "CheckpointError",
-           "pack_codes", "unpack_codes", "pack_mask", "unpack_mask", "FORMAT_VERSION"]
+           "pack_codes", "unpack_codes", "pack_mask", "unpack_mask", "tensor_sha256", "FORMAT_VERSION"]
 
 
 class CheckpointError(UserError, ValueError):
@@ -145,6 +155,11 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(stream: torch.Tensor, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: ``count`` booleans."""
     return torch.from_numpy(np.unpackbits(stream.reshape(-1).numpy(), bitorder="little")[:count].astype(bool))
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's bytes as safetensors stores them: C order, native (little-endian) byte order."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- one layer
@@ -318,6 +333,7 @@ def save_applied(applier: PlanApplier, plan: ModelPlan, out: Path, *, model_name
                   "packed_layer_bytes": sum(r["bytes"] for r in records),
                   "ratio_dense_to_file": round(dense_bytes / file_bytes, 4)},
         "layers": records,
+        "tensor_sha256": {name: tensor_sha256(t) for name, t in tensors.items()},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     written.append(out / MANIFEST)
@@ -365,6 +381,9 @@ def read_manifest(path: Path) -> dict:
     manifest = _json(manifest_path)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint: {manifest_path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    if manifest.get("format_version") == 1:
+        raise CheckpointError(f"checkpoint: {manifest_path}: format version 1 has no tensor checksums and is not "
+                              f"loaded; write the checkpoint again (dse export --trial N --checkpoint)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint: {manifest_path}: format version {manifest.get('format_version')!r} "
                               f"is not supported (this package reads {FORMAT_VERSION})")
@@ -374,11 +393,29 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def check_sums(stored: dict[str, torch.Tensor], manifest: dict, weights: Path) -> None:
+    """Every tensor read from ``weights`` against the manifest's ``tensor_sha256`` (module docstring): one-line
+    :class:`CheckpointError` naming the file and the first tensor that differs, has no sum, or is missing."""
+    sums = manifest.get("tensor_sha256")
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"checkpoint: {weights.with_name(MANIFEST)}: tensor_sha256 is missing")
+    for name, tensor in stored.items():
+        if name not in sums:
+            raise CheckpointError(f"checkpoint: {weights}: tensor {name} has no sha256 in {MANIFEST}")
+        if tensor_sha256(tensor) != sums[name]:
+            raise CheckpointError(f"checkpoint: {weights}: tensor {name} does not match its sha256 in {MANIFEST} "
+                                  f"(the file is damaged or was changed)")
+    absent = sorted(set(sums) - set(stored))
+    if absent:
+        raise CheckpointError(f"checkpoint: {weights}: tensor {absent[0]} named in {MANIFEST} is missing")
+
+
 def load_checkpoint(path: Path) -> tuple[torch.nn.Module, object]:
     """Rebuild the compressed model from a directory written by :func:`write_checkpoint`, without the original
     model or cache: the model from ``config.json`` (``AutoModelForCausalLM.from_config``), MLGRU mixers in the
     blocks the checkpoint names, dense tensors loaded, each compressed layer's weight set to its unpacked
-    ``PackedWeight.dequantize()``, the 8-bit activation pre-hook on ternary layers. Returns ``(model, tokenizer)``,
+    ``PackedWeight.dequantize()``, the 8-bit activation pre-hook on ternary layers. Every tensor is checked
+    against its sha256 first (:func:`check_sums`). Returns ``(model, tokenizer)``,
     the model in eval mode (tokenizer None when the directory has none)."""
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -400,6 +437,7 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, object]:
     if metadata.get("dse_checkpoint") != str(FORMAT_VERSION):
         raise CheckpointError(f"checkpoint: {weights}: dse_checkpoint version {metadata.get('dse_checkpoint')!r} "
                               f"is not {FORMAT_VERSION}")
+    check_sums(stored, manifest, weights)
 
     kwargs = {"dtype": torch.float32}
     if manifest.get("attn_implementation"):

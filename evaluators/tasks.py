@@ -36,6 +36,9 @@ task gets :data:`N_DOCS` documents sampled with the seed, in a shuffled order, s
 ``task_manager(seed)`` returns an ``lm_eval.tasks.TaskManager`` that knows these tasks AND
 lm-eval's standard ones (hellaswag, arc_easy, wikitext, ...; those need their dataset hub).
 ``resolve_tasks(names)`` rejects unknown names with a one-line ``ValueError``.
+``reported_metrics(name)`` loads one task as lm-eval will (its data included: from the local datasets cache
+first, from the hub only when it answers, so unreachable data is one :class:`TaskDataError` line at once) and
+returns the metric names its results will have, without evaluating anything.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluators import corpus
+from dse.errors import UserError
 from dse.textio import write_atomic
+from evaluators import corpus
 from evaluators.corpus import CorpusError, file_lock
 from evaluators.paths import cache_dir
 
@@ -582,6 +586,76 @@ def resolve_tasks(names: str | Sequence[str], seed: int = 0) -> list[str]:
     return names
 
 
+class TaskDataError(UserError, ValueError):
+    """A task lm-eval cannot load here (its data unreachable, a tag of several tasks); one-line message."""
+
+
+def _local_manager(seed: int) -> Any:
+    """A TaskManager of the local tasks alone (a second, where indexing lm-eval's own tasks takes about 10)."""
+    folder = build_tasks(seed)
+    key = (seed, f"local:{folder}")
+    if key not in _MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        _MANAGERS[key] = TaskManager(include_path=str(folder), include_defaults=False)
+    return _MANAGERS[key]
+
+
+def _load(name: str, seed: int) -> dict:
+    """lm-eval's task dict of ``name`` with its data: offline first (the local datasets cache), then from the hub
+    when it answers; TaskDataError when neither works."""
+    from lm_eval.tasks import get_task_dict as _get_task_dict
+
+    from evaluators.models import hub_unreachable
+
+    manager = _local_manager(seed) if name in LOCAL_NAMES else task_manager(seed)
+
+    def load() -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _get_task_dict([name], manager)
+
+    try:
+        with offline_datasets():
+            return load()
+    except Exception as err:  # noqa: BLE001 (datasets and lm-eval raise many kinds for a missing dataset)
+        offline = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if name in LOCAL_NAMES:
+        raise TaskDataError(f"cannot load the local task '{name}': {offline}")
+    problem = hub_unreachable()
+    if problem:
+        raise TaskDataError(f"the data of '{name}' is not in the local datasets cache and the hub cannot be "
+                            f"reached ({problem}); local tasks: {', '.join(LOCAL_TASKS)}")
+    try:
+        return load()
+    except Exception as err:  # noqa: BLE001
+        raise TaskDataError(f"cannot load the data of '{name}': {str(err).strip().splitlines()[0][:200]}") from None
+
+
+def _keys(metrics: Iterable[str], filters: Iterable[str]) -> list[str]:
+    """Result keys as :func:`evaluators.harness.extract_metrics` names them: ``metric`` for lm-eval's ``none``
+    filter, ``metric,filter`` for the others."""
+    return [m if f == "none" else f"{m},{f}" for f in filters for m in metrics]
+
+
+def reported_metrics(name: str, seed: int = 0) -> list[str]:
+    """The metric names lm-eval's results will have for task or group ``name`` (its metric list, or the
+    output type's defaults, per filter; a group's aggregate metrics), loading its data (:func:`_load`) but
+    evaluating nothing. TaskDataError for unreachable data, or a tag whose tasks lm-eval reports one by one."""
+    loaded = _load(name, seed)
+    if len(loaded) == 1 and not isinstance(next(iter(loaded)), str):  # a group: its aggregate metrics
+        group = next(iter(loaded))
+        aggregates = getattr(getattr(group, "config", None), "aggregate_metric_list", None) or []
+        if not aggregates:
+            raise TaskDataError(f"group '{name}' has no aggregate metric in lm-eval; list its tasks instead")
+        return [k for a in aggregates for k in _keys([a["metric"]], a.get("filter_list") or ["none"])]
+    if list(loaded) != [name]:
+        raise TaskDataError(f"'{name}' is a tag of {len(loaded)} tasks ({', '.join(sorted(map(str, loaded)))}), "
+                            "which lm-eval reports one by one; list the tasks instead")
+    task = loaded[name]
+    return _keys(task.aggregation(), [f.name for f in getattr(task, "_filters", [])] or ["none"])
+
+
 def get_task_dict(names: str | Sequence[str], seed: int = 0) -> dict:
     """``lm_eval.tasks.get_task_dict`` for ``names``, loading only-local task lists with datasets offline."""
     from lm_eval.tasks import get_task_dict as _get_task_dict
@@ -604,8 +678,9 @@ def _main(argv: Sequence[str] | None = None) -> int:  # python -m evaluators.tas
     return 0
 
 
-__all__ = ["GROUP", "LOCAL_NAMES", "LOCAL_TASKS", "N_DOCS", "build_documents", "build_tasks", "get_task_dict",
-           "offline_datasets", "parse_work", "resolve_tasks", "task_manager", "tasks_dir"]
+__all__ = ["GROUP", "LOCAL_NAMES", "LOCAL_TASKS", "N_DOCS", "TaskDataError", "build_documents", "build_tasks",
+           "get_task_dict", "offline_datasets", "parse_work", "reported_metrics", "resolve_tasks", "task_manager",
+           "tasks_dir"]
 
 if __name__ == "__main__":
     raise SystemExit(_main())

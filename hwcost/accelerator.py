@@ -24,6 +24,12 @@ Share = Number(0, 1, open_lo=True, bare=True)
 ENGINE_CLASSES = ("fp16", "int8", "int7", "int6", "int5", "int4", "int3", "int2", "ternary")
 """Kernel classes a ``lanes`` entry may name (INT-k lanes go to the engine that runs INT-k)."""
 RESIDENT_KEYWORDS = ("none", "all")
+LIMITS = {"batch": 2**16, "context_length": 2**24, "prompt_length": 2**24, "attention_window": 2**24,
+          "weight_buffer_bytes": 2**50}
+"""Largest value of each integer field: the cost model counts cycles and bytes in 64-bit integers (numpy), which
+these keep far from overflowing (65,536 sequences of 16 Mi tokens of Llama-2-7B's KV cache are 2**59 bytes)."""
+MAX_LANES = 2**24
+"""Largest ``lanes`` entry of an engine class (MAC lanes)."""
 
 
 class AcceleratorError(SchemaError):
@@ -59,6 +65,8 @@ def _lanes(value):
             raise ValueError(f"{key!r} is not one of {', '.join(ENGINE_CLASSES)}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{key}: {n!r} is not an integer >= 1 (MAC lanes)")
+        if n > MAX_LANES:
+            raise ValueError(f"{key}: {n!r} is above {MAX_LANES:,}, the largest the cost model counts")
     return dict(value)
 
 
@@ -140,6 +148,14 @@ class Accelerator:
     context_length: Int(0) = 512
     #: tokens of the prompt for the prefill latency
     prompt_length: Int(1) = 128
+
+    @model_validator(mode="after")
+    def _limits(self):
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise Problem(f"{value!r} is above {limit:,}, the largest the cost model counts", name)
+        return self
 
     @model_validator(mode="after")
     def _memory(self):

@@ -26,16 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dse.errors import UserError
+from dse.errors import USER_ERROR, OneLineParser, UserError
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, PlanError, Sparsity, WeightFormat
-from dse.schema import SchemaError, plan_from_data, read_yaml
+from dse.schema import SchemaError, plan_from_file, read_yaml
 from dse.textio import format_table
 from hwcost.accelerator import Accelerator, AcceleratorError
 from hwcost.devices import (DeviceFileError, catalog_names, get_device, list_devices, load_devices_file,
                             parse_devices, user_devices)
-from dse.arch import BUILTIN_CONFIGS, PlanMismatch, Workload, check_plan
+from dse.arch import BUILTIN_CONFIGS, PlanMismatch, Workload, check_plan, compact_names, left_out
 
-USER_ERROR = 2
 WEIGHT_CHOICES = {"fp16": "16", **{f"int{b}": str(b) for b in range(8, 1, -1)}, "ternary": "ternary"}
 """``--weights`` value -> :class:`~dse.plan.WeightFormat` name."""
 SUITE_ENV = "HWCOST_SUITE_RUNNING"
@@ -58,50 +57,16 @@ class HwcostError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------------------- argparse
-def _one_line(message: str) -> str:
-    prefix = "the following arguments are required: "
-    if message.startswith(prefix):
-        missing = message[len(prefix):]
-        if missing.startswith("{"):  # a subcommand
-            return f"hwcost: a subcommand is required; allowed: {missing.strip('{}').replace(',', ', ')}"
-        return f"{missing}: is required"
-    prefix = "unrecognized arguments: "
-    if message.startswith(prefix):
-        return f"{message[len(prefix):].split()[0]}: unknown argument (see --help)"
-    if message.startswith("argument "):
-        return message[len("argument "):]
-    return message
-
-
-def _one_line_error(message: str):
-    print(f"error: {_one_line(message)}", file=sys.stderr)
-    sys.exit(USER_ERROR)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors (missing or unknown flags) are one line on stderr, exit 2."""
-
-    def error(self, message: str):
-        _one_line_error(message)
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
-
-
 def add_hwcost_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``hwcost`` and its subcommands on ``subparsers`` (``dse``'s); each sets ``func(args) -> int``."""
     p = subparsers.add_parser("hwcost", help="the FPGA cost model alone: devices, estimate, calibrate, test",
                               description="The analytical FPGA cost model without a study.")
-    p.error = _one_line_error  # one line for a missing subcommand too
     add_subcommands(p)
     return p
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="hwcost_command", required=True, parser_class=_OneLineParser,
+    sub = parser.add_subparsers(dest="hwcost_command", required=True, parser_class=OneLineParser,
                                 metavar="{devices,estimate,calibrate,test}")
 
     p = sub.add_parser("devices", help="list the device catalog (and devices from --devices-file)")
@@ -207,7 +172,10 @@ def read_accel_file(path: str) -> tuple[dict, dict]:
         except DeviceFileError as err:
             raise HwcostError(f"--accel: {err}") from None
         data = {k: v for k, v in data.items() if k != "devices"}
-    return (data["hardware"] if set(data) == {"hardware"} else data), devices
+    fields = data["hardware"] if set(data) == {"hardware"} else data
+    if not isinstance(fields, dict):
+        raise HwcostError(f"--accel: hardware: expected a mapping of Accelerator fields; got {type(fields).__name__}")
+    return fields, devices
 
 
 def accel_devices(path: str | None) -> dict:
@@ -277,16 +245,12 @@ def uniform_plan(workload: Workload, args) -> ModelPlan:
 
 
 def load_plan(path: str, workload: Workload) -> ModelPlan:
-    """A plan file: ``dse export``'s plan.yaml (top-level ``plan``) or a bare ModelPlan mapping; the blocks of
-    a model whose own mixer is an MLGRU are added as such (check it with :func:`check_plan_from`)."""
+    """A plan file: ``dse export``'s plan.yaml (top-level ``plan``) or a bare ModelPlan mapping, every key at
+    every level checked (:func:`dse.schema.plan_from_file`); the blocks of a model whose own mixer is an MLGRU
+    are added as such (check it with :func:`check_plan_from`)."""
     data = _read_yaml(path, "--plan")
-    if isinstance(data.get("plan"), dict):
-        data = data["plan"]
-    if not {"layers", "blocks"} & set(data):
-        raise HwcostError("--plan: expected a ModelPlan mapping (version, layers, blocks) or a 'dse export' "
-                          "plan.yaml with a top-level 'plan'")
     try:
-        plan = plan_from_data(data)
+        plan = plan_from_file(data)
     except PlanError as err:
         raise HwcostError(f"--plan: {err}") from None
     native = workload.native_mlgru_blocks()
@@ -297,11 +261,14 @@ def load_plan(path: str, workload: Workload) -> ModelPlan:
     return plan
 
 
-def check_plan_from(plan: ModelPlan, workload: Workload, flag: str) -> None:
+def check_plan_from(plan: ModelPlan, workload: Workload, flag: str, model: str | None = None) -> None:
     """:func:`dse.arch.check_plan` (layer names, blocks, mixers, M dividing every input width, MLGRU projections
-    inheriting their counterpart's plan included), as one line naming the flag the plan came from."""
+    inheriting their counterpart's plan included), as one line naming the flag the plan came from and ``model``
+    (the name the user gave). Layers a plan for another model leaves out (:func:`dse.arch.left_out`: a layer
+    type the plan sets in some blocks but not in these) are a warning on stderr, not an error: they stay FP16
+    dense, which a partial plan may mean (:func:`left_out_warning`)."""
     try:
-        check_plan(plan, workload)
+        check_plan(plan, workload, model)
     except PlanMismatch as err:
         if err.layer is None:
             where = f"block {err.block} mixer 'attention': " if err.field == "mixer" else ""
@@ -310,6 +277,22 @@ def check_plan_from(plan: ModelPlan, workload: Workload, flag: str) -> None:
         else:
             where = f"layer '{err.layer}' "
         raise HwcostError(f"{flag}: {where}{err.problem}") from None
+    warning = left_out_warning(plan, workload, model)
+    if warning:
+        print(f"warning: {flag}: {warning}", file=sys.stderr)
+
+
+def left_out_warning(plan: ModelPlan, workload: Workload, model: str | None = None) -> str | None:
+    """``14 linear layers of llama2-7b are not in the plan and stay FP16 dense: model.layers.30.*, ...`` for the
+    layers :func:`dse.arch.left_out` finds, None when there are none."""
+    missing = left_out(plan, workload)
+    if not missing:
+        return None
+    mlgru = [bp.index for bp in plan.blocks if bp.mixer == "mlgru"]
+    many = len(missing) > 1
+    return (f"{len(missing)} linear layer{'s' if many else ''} of {model or 'the model'} ({workload.num_layers} "
+            f"blocks) {'are' if many else 'is'} not in the plan and stay{'' if many else 's'} FP16 dense, though the "
+            f"plan sets {'them' if many else 'it'} in other blocks: {compact_names(missing, workload, mlgru)}")
 
 
 # ---------------------------------------------------------------------------- output
@@ -459,7 +442,7 @@ def cmd_estimate(args) -> int:
             plan, flag = uniform_plan(workload, args), "--sparsity"
             source = "uniform " + (f"{args.sparsity} " if args.sparsity and args.sparsity != "dense" else "") \
                 + str(plan.layers[0].fmt if plan.layers else "fp16")
-        check_plan_from(plan, workload, flag)
+        check_plan_from(plan, workload, flag, args.model_config)
         try:
             report = estimate(plan, workload, accel)
         except ValueError as err:
@@ -531,7 +514,7 @@ def cmd_test(args) -> int:
 # ---------------------------------------------------------------------------- standalone
 def main(argv: list[str] | None = None) -> int:
     """``python -m hwcost.cli ...`` (the same commands as ``dse hwcost ...``)."""
-    parser = _OneLineParser(prog="hwcost", description="The analytical FPGA cost model (dse hwcost).")
+    parser = OneLineParser(prog="hwcost", description="The analytical FPGA cost model (dse hwcost).")
     add_subcommands(parser)
     args = parser.parse_args(argv)
     try:

@@ -8,9 +8,12 @@ The fast tests use a tiny random Llama saved as a Hugging Face directory with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import struct
+import time
 
 import numpy as np
 import pytest
@@ -19,8 +22,8 @@ from safetensors import safe_open
 
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
 from evaluators.settings import CompressionSpec
-from evaluators.checkpoint import (CheckpointError, load_checkpoint, pack_codes, pack_mask, read_manifest,
-                                   unpack_codes, unpack_mask, write_checkpoint)
+from evaluators.checkpoint import (FORMAT_VERSION, CheckpointError, check_sums, load_checkpoint, pack_codes,
+                                   pack_mask, read_manifest, unpack_codes, unpack_mask, write_checkpoint)
 from evaluators.compress import PlanApplier
 from evaluators.compress.cache import CompressionCache, model_fingerprint
 from evaluators.models import DEFAULT_MODEL, load_model, resolve_model_path
@@ -249,9 +252,81 @@ def test_not_a_checkpoint_raises_one_line_value_error(tiny_model_dir, tmp_path):
     (hf_dir / "checkpoint.json").write_text(json.dumps({"format": "dse-compressed-checkpoint", "format_version": 99}))
     with pytest.raises(ValueError, match="format version 99"):
         load_checkpoint(hf_dir)
-    (hf_dir / "checkpoint.json").write_text(json.dumps({"format": "dse-compressed-checkpoint", "format_version": 1}))
+    (hf_dir / "checkpoint.json").write_text(json.dumps({"format": "dse-compressed-checkpoint",
+                                                        "format_version": FORMAT_VERSION}))
     (hf_dir / "model.safetensors").unlink()
     raises(hf_dir, "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+def tensor_spans(path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (first byte, end) in the safetensors file, from its header as the format defines it
+    (8-byte little-endian header length, JSON header, data offsets relative to the end of the header)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+TINY_PLAN = ModelPlan((LayerPlan("model.layers.0.mlp.up_proj", Sparsity(2, 4), WeightFormat("4", 32)),
+                       LayerPlan("model.layers.1.self_attn.o_proj", None, WeightFormat("ternary"))))
+
+
+def test_every_tensor_carries_the_sha256_of_its_stored_bytes(tiny_model_dir, tmp_path):
+    _, _, _, out = export_and_reload(str(tiny_model_dir), TINY_PLAN, tmp_path)
+    weights = out / "model.safetensors"
+    raw = weights.read_bytes()
+    sums = read_manifest(out)["tensor_sha256"]
+    spans = tensor_spans(weights)
+    assert set(sums) == set(spans) and "model.layers.0.mlp.up_proj.qweight" in sums
+    assert sums == {name: hashlib.sha256(raw[a:b]).hexdigest() for name, (a, b) in spans.items()}
+
+
+def test_flipped_bytes_in_a_tensor_fail_the_load_naming_the_file_and_tensor(tiny_model_dir, tmp_path):
+    evaluated, _, tokenizer, out = export_and_reload(str(tiny_model_dir), TINY_PLAN, tmp_path)
+    weights = out / "model.safetensors"
+    name, (start, end) = max(tensor_spans(weights).items(), key=lambda item: item[1][1] - item[1][0])
+    middle = (start + end) // 2
+    data = bytearray(weights.read_bytes())
+    data[middle - 2048: middle + 2048] = bytes(b ^ 0xFF for b in data[middle - 2048: middle + 2048])  # 4 KB
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(out)
+    assert str(err.value) == (f"checkpoint: {weights}: tensor {name} does not match its sha256 in checkpoint.json "
+                              "(the file is damaged or was changed)")
+    # what a loader without the check would run: the sum made to match the damaged bytes -> other logits
+    manifest = json.loads((out / "checkpoint.json").read_text())
+    manifest["tensor_sha256"][name] = hashlib.sha256(bytes(data[start:end])).hexdigest()
+    (out / "checkpoint.json").write_text(json.dumps(manifest))
+    damaged, _ = load_checkpoint(out)
+    ids = windows(tokenizer)
+    assert not torch.allclose(logits(damaged, ids), logits(evaluated, ids), atol=1e-3, equal_nan=True)
+
+
+def test_missing_sums_and_old_checkpoints_are_refused(tiny_model_dir, tmp_path):
+    _, _, _, out = export_and_reload(str(tiny_model_dir), TINY_PLAN, tmp_path)
+    path, weights = out / "checkpoint.json", out / "model.safetensors"
+    good = json.loads(path.read_text())
+
+    def refused(manifest: dict, message: str) -> None:
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(out)
+        assert str(err.value) == message
+
+    sums = dict(good["tensor_sha256"])
+    sums.pop("model.norm.weight")
+    refused({**good, "tensor_sha256": sums},
+            f"checkpoint: {weights}: tensor model.norm.weight has no sha256 in checkpoint.json")
+    refused({**good, "tensor_sha256": {**good["tensor_sha256"], "model.extra": "0" * 64}},
+            f"checkpoint: {weights}: tensor model.extra named in checkpoint.json is missing")
+    refused({k: v for k, v in good.items() if k != "tensor_sha256"}, f"checkpoint: {path}: tensor_sha256 is missing")
+    refused({**good, "format_version": 1}, f"checkpoint: {path}: format version 1 has no tensor checksums and is not "
+                                           "loaded; write the checkpoint again (dse export --trial N --checkpoint)")
+    path.write_text(json.dumps(good))
+    load_checkpoint(out)
 
 
 # ---------------------------------------------------------------------------------------------- SmolLM2-135M
@@ -264,6 +339,12 @@ def test_smollm2_mixed_plan_round_trip(tmp_path):
     print(f"SmolLM2 mixed plan: max |logit diff| {diff:.3g}")
     assert diff <= 1e-5, diff
     manifest = check_packed(out, plan.layers)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        stored = {k: handle.get_tensor(k) for k in handle.keys()}
+    started = time.perf_counter()
+    check_sums(stored, manifest, out / "model.safetensors")  # the integrity check load_checkpoint runs
+    print(f"sha256 of {sum(t.numel() * t.element_size() for t in stored.values()) / 1e6:.0f} MB of tensors: "
+          f"{time.perf_counter() - started:.2f} s")
     assert len(manifest["layers"]) == len(plan.layers)
     print(f"sizes: {manifest['sizes']}")
     for record in manifest["layers"]:  # packed layers are far below their FP32 bytes (INT8: about a quarter;

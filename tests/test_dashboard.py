@@ -334,9 +334,10 @@ def test_running_failed_and_old_trials_render(sqlite_study, study_copy, monkeypa
     layers = next(d.value for d in app.dataframe if "bound" in d.value.columns)
     assert list(layers["name"]) == [row["name"] for row in old_hw["layers"]]
     assert app.get("download_button")[0].proto.label.startswith("Export bundle")
-    assert main(["export", STUDY, "--storage", study_copy, "--trial", str(old), "--out", str(tmp_path)]) == 0
-    assert yaml.safe_load((tmp_path / "plan.yaml").read_text())["plan"] == plan
-    assert json.loads((tmp_path / "hw_report.json").read_text()) == old_hw
+    bundle = tmp_path / "bundle"  # a fresh directory: tmp_path holds the storage copy
+    assert main(["export", STUDY, "--storage", study_copy, "--trial", str(old), "--out", str(bundle)]) == 0
+    assert yaml.safe_load((bundle / "plan.yaml").read_text())["plan"] == plan
+    assert json.loads((bundle / "hw_report.json").read_text()) == old_hw
     app.sidebar.radio(key="view").set_value("Compare").run()
     app.selectbox(key=f"cmp-a-{STUDY}").set_value(old)
     app.selectbox(key=f"cmp-b-{STUDY}").set_value(uniform.number).run()

@@ -67,14 +67,21 @@ def check_exact_and_unique(trials, budget: int) -> list:
 
 def test_plans_that_do_not_fit_get_no_accuracy_evaluation(tmp_path, empty_compress_cache):
     """With a budget no plan meets, every trial is told from the cost model alone: no trial holds an
-    evaluation, and the workers' layer cache stays empty (nothing was ever compressed). The same cache then
-    fills as soon as a study with feasible plans runs (so the empty cache is evidence, not a wrong path)."""
+    evaluation, and the workers' layer cache stays empty (nothing was ever compressed); the run then stops with
+    one line naming the constraint and the best value seen, exit 2. The same cache fills as soon as a study with
+    feasible plans runs (so the empty cache is evidence, not a wrong path)."""
     env, compress = dict(os.environ), empty_compress_cache
     db = f"sqlite:///{tmp_path / 'studies.db'}"
     spec = write_spec(tmp_path, study="nofit", storage=db, trials=10, constraints=["decode_tokens_per_s >= 1e6"])
-    finish(start(spec, tmp_path / "nofit.log", env), tmp_path / "nofit.log")
+    log = tmp_path / "nofit.log"
+    proc = start(spec, log, env)
+    assert proc.wait(timeout=900) == 2, log.read_text()[-3000:]
     trials = trials_of("nofit", db)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 10
+    best = max(t.user_attrs["hw_metrics"]["decode_tokens_per_s"] for t in trials)
+    assert log.read_text().strip().splitlines()[-1] == (
+        f"error: constraints: no plan of 10 met 'decode_tokens_per_s >= 1e+06' (best seen {best:.4g}); relax the "
+        "constraint or change the space or the hardware")
     for t in trials:
         assert t.user_attrs["evaluated"] is False and "eval" not in t.user_attrs
         assert t.user_attrs["constraints"]["decode_tokens_per_s >= 1e+06"] > 0

@@ -61,6 +61,36 @@ def test_invalid_plans_exit_2_with_one_line(tmp_path, capsys, layer, message):
     assert not (tmp_path / "studies.db").exists()
 
 
+EXPORTED = {"study": "s", "trial": 3, "model": "smollm2-135m", "device": "kria-kv260"}  # dse export's header
+UP = {"name": "model.layers.0.mlp.up_proj", "format": "4"}
+PLAN_FILES = [  # (plan file, the message after 'error: --plan: ')
+    ({"layers": [{**UP, "groupsize": 32}]}, "layers[0].groupsize: unknown field; allowed: name, sparsity, format, "
+     "group_size, symmetric, prune, quant; did you mean 'group_size'?"),
+    ({**EXPORTED, "plan": {"layers": [{**UP, "groupsize": 32}]}}, "plan.layers[0].groupsize: unknown field; allowed: "
+     "name, sparsity, format, group_size, symmetric, prune, quant; did you mean 'group_size'?"),
+    ({**EXPORTED, "groupsize": 32, "plan": {"layers": [UP]}},
+     "groupsize: unknown field; allowed: study, trial, model, device, plan"),
+    ({**EXPORTED, "plan": {"layers": [UP], "blokcs": []}},
+     "plan.blokcs: unknown field; allowed: version, layers, blocks; did you mean 'blocks'?"),
+    ({**EXPORTED, "plan": {"layers": [UP], "blocks": [{"index": 1, "mixr": "mlgru"}]}},
+     "plan.blocks[0].mixr: unknown field; allowed: index, mixer; did you mean 'mixer'?"),
+    # a llama2-7b plan (32 blocks): the first layer SmolLM2 (30 blocks) lacks is named
+    ({**EXPORTED, "model": "llama2-7b", "plan": {"layers": [
+        {"name": f"model.layers.{b}.self_attn.q_proj", "format": "4"} for b in range(32)]}},
+     "layer 'model.layers.30.self_attn.q_proj' is not in "),
+]
+
+
+@pytest.mark.parametrize("data,message", PLAN_FILES, ids=[m.split(":")[0] for _, m in PLAN_FILES])
+def test_plan_file_keys_and_layers_checked_before_any_work(tmp_path, capsys, data, message):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(data, sort_keys=False))
+    code = main(["evaluate", str(write_spec(tmp_path)), "--plan", str(plan)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --plan: " + message), err
+    assert "Traceback" not in err and not (tmp_path / "studies.db").exists()
+
+
 @pytest.mark.slow
 def test_sensitivity_scan_measures_caches_and_plots(tmp_path, capsys, empty_compress_cache):
     space = {"tie": "block", "mlgru_blocks": [1], "groups": [

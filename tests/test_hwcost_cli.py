@@ -381,7 +381,7 @@ def test_estimate_bad_plan_files(tmp_path, capsys):
         assert line.startswith(f"error: --plan: {message}"), line
 
     up40 = {"name": "model.layers.40.mlp.up_proj", "format": "4"}
-    plan_error({"plan": {"layers": [up40]}}, "layer 'model.layers.40.mlp.up_proj' is not in the workload (30 blocks)")
+    plan_error({"plan": {"layers": [up40]}}, "layer 'model.layers.40.mlp.up_proj' is not in smollm2-135m (30 blocks)")
     plan_error({"layers": [{"name": "model.layers.0.self_attn.q_proj", "sparsity": "2:5", "format": "4"}]},
                "layer 'model.layers.0.self_attn.q_proj' sparsity 2:5: M=5 does not divide in_features 576 of "
                "model.layers.0.self_attn.q_proj")
@@ -389,7 +389,7 @@ def test_estimate_bad_plan_files(tmp_path, capsys):
                "layers[0] (model.layers.0.self_attn.q_proj): sparsity: '4:4' is not N:M with 0 < N < M")
     plan_error({"layers": [{"name": "lm_head", "format": "9"}]}, "layers[0] (lm_head): format: '9' is not a weight format")
     plan_error({"layers": [{"format": "4"}]}, "layers[0].name: is required")
-    plan_error({"blocks": [{"index": 30, "mixer": "mlgru"}]}, "block 30 is not in the workload (blocks 0..29)")
+    plan_error({"blocks": [{"index": 30, "mixer": "mlgru"}]}, "block 30 is not in smollm2-135m (blocks 0..29)")
     plan_error({"blocks": [{"index": 1, "mixer": "ssm"}]}, "blocks[0]: mixer 'ssm'; allowed: attention, mlgru")
     plan_error({"layers": [{"name": "lm_head"}, {"name": "lm_head"}]}, "layer 'lm_head' appears more than once")
     plan_error({"study": "x"}, "expected a ModelPlan mapping")
@@ -398,6 +398,75 @@ def test_estimate_bad_plan_files(tmp_path, capsys):
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump({"layers": []}))
     one_line_error(capsys, ESTIMATE + ["--plan", str(tmp_path / "ok.yaml"), "--sparsity", "2:4"],
                    "--sparsity: applies to a uniform plan")
+
+
+def write_plan(tmp_path, plan: ModelPlan, **header) -> Path:
+    """``plan`` as ``dse export``'s plan.yaml (``header``: its study, trial, model, device; more keys allowed)."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"study": "s", "trial": 0, "model": "smollm2-135m", "device": "kria-kv260",
+                                    **header, "plan": plan.to_dict()}, sort_keys=False))
+    return path
+
+
+def test_plan_of_a_model_with_fewer_blocks_warns_what_stays_fp16(tmp_path, capsys):
+    """A SmolLM2 plan (30 blocks) costed on llama2-7b (32 blocks): exit 0, the report of that very plan, and one
+    warning naming the 14 layers of blocks 30-31 left FP16 dense."""
+    plan = uniform(smol(), "4", Sparsity(2, 4), 64)
+    code, out, err = run(capsys, "hwcost", "estimate", "--model-config", "llama2-7b", "--device", "alveo-u280",
+                         "--plan", str(write_plan(tmp_path, plan)), "--json")
+    assert code == 0
+    assert err == ("warning: --plan: 14 linear layers of llama2-7b (32 blocks) are not in the plan and stay FP16 "
+                   "dense, though the plan sets them in other blocks: model.layers.30.*, model.layers.31.*\n")
+    seven = Workload.resolve("llama2-7b")
+    assert_same_report(json.loads(out), estimate(plan, seven, Accelerator("alveo-u280")))
+    names = {layer.name for layer in seven.linear_layers()} - {lp.name for lp in plan.layers}
+    assert names == {f"model.layers.{b}.{t}" for b in (30, 31) for t in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}  # exactly the 14 the warning names (lm_head is in the plan)
+
+
+def test_plan_left_out_layers_compact_and_partial_plans(tmp_path, capsys):
+    w = smol()
+    mlp_only = ModelPlan(tuple(LayerPlan(x.name, None, WeightFormat("4", 64)) for x in w.linear_layers()
+                               if ".mlp." in x.name))
+    code, _, err = run(capsys, *ESTIMATE, "--plan", str(write_plan(tmp_path, mlp_only)))
+    assert code == 0 and err == ""  # attention set nowhere: kept dense on purpose, no warning
+    odd = ModelPlan(tuple(LayerPlan(f"model.layers.{b}.mlp.up_proj", None, WeightFormat("4", 64))
+                          for b in range(0, 30, 2)) + (LayerPlan("model.layers.0.self_attn.q_proj"),))
+    code, _, err = run(capsys, *ESTIMATE, "--plan", str(write_plan(tmp_path, odd)))
+    assert code == 0 and err == (
+        "warning: --plan: 44 linear layers of smollm2-135m (30 blocks) are not in the plan and stay FP16 dense, "
+        "though the plan sets them in other blocks: model.layers.1.self_attn.q_proj, model.layers.1.mlp.up_proj, "
+        "model.layers.2.self_attn.q_proj, model.layers.3.self_attn.q_proj, model.layers.3.mlp.up_proj, "
+        "model.layers.4.self_attn.q_proj, ... (38 more)\n")
+    mlgru = ModelPlan(tuple(LayerPlan(x.name, None, WeightFormat("8", 64)) for x in w.linear_layers()),
+                      blocks=(BlockPlan(4, "mlgru"),))  # block 4's MLGRU inherits the attention's plans
+    code, _, err = run(capsys, *ESTIMATE, "--plan", str(write_plan(tmp_path, mlgru)))
+    assert code == 0 and err == ""
+
+
+def test_plan_of_a_model_with_more_blocks_names_the_first_missing_layer(tmp_path, capsys):
+    plan = uniform(Workload.resolve("llama2-7b"), "4", Sparsity(2, 4), 64)
+    line = one_line_error(capsys, ESTIMATE + ["--plan", str(write_plan(tmp_path, plan, model="llama2-7b"))],
+                          "--plan: ")
+    assert line == "error: --plan: layer 'model.layers.30.self_attn.q_proj' is not in smollm2-135m (30 blocks)"
+
+
+def test_plan_file_unknown_keys_at_every_level(tmp_path, capsys):
+    plan = ModelPlan((LayerPlan("model.layers.0.mlp.up_proj", None, WeightFormat("4", 32)),))
+    path = write_plan(tmp_path, plan, groupsize=32)
+    assert one_line_error(capsys, ESTIMATE + ["--plan", str(path)], "--plan: ") == (
+        "error: --plan: groupsize: unknown field; allowed: study, trial, model, device, plan")
+    data = yaml.safe_load(path.read_text())
+    del data["groupsize"]
+    data["plan"]["layers"][0]["groupsize"] = 32
+    path.write_text(yaml.safe_dump(data))
+    assert one_line_error(capsys, ESTIMATE + ["--plan", str(path)], "--plan: ") == (
+        "error: --plan: plan.layers[0].groupsize: unknown field; allowed: name, sparsity, format, group_size, "
+        "symmetric, prune, quant; did you mean 'group_size'?")
+    path.write_text(yaml.safe_dump({"study": "s", "plan": [1]}))
+    assert one_line_error(capsys, ESTIMATE + ["--plan", str(path)], "--plan: ") == (
+        "error: --plan: plan: expected a mapping with version, layers, blocks")
 
 
 # ------------------------------------------------------------------ test
