@@ -59,15 +59,20 @@ def start_dashboard(storage: str, port: int, log: Path):
 
 
 def stop(proc) -> None:
+    """SIGTERM to the process group of a process :func:`start_dashboard` started (SIGKILL after 20 s); a process
+    that exited already may have left children in its group, which go too."""
     import os
     import signal
+    import subprocess
 
-    if proc.poll() is None:
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+    except ProcessLookupError:  # the whole group is gone
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def chromium(width: int = 1600, height: int = 2400):

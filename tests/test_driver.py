@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,21 +129,23 @@ def test_killed_driver_resumes_to_the_exact_budget(tmp_path):
         assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and old.params.items() <= retry[0].params.items()
 
 
-def test_two_drivers_share_one_postgresql_study(tmp_path):
-    """Two ``dse start`` processes (each its own local Ray and actor) on one PostgreSQL study, started at
-    once with the same spec and seed: the count is exact and no plan is evaluated twice."""
+@pytest.mark.parametrize("backend", ["postgresql", pytest.param("sqlite", marks=pytest.mark.slow)])
+def test_two_drivers_share_one_study(tmp_path, backend):
+    """Two ``dse start`` processes (each its own local Ray and actor) on one PostgreSQL study, or one SQLite
+    file, started at once with the same spec and seed: the count is exact and no plan is evaluated twice."""
     name = f"shared-{uuid.uuid4().hex[:8]}"
-    spec = write_spec(tmp_path, study=name, storage=PG_URL, trials=10, workers=1)
+    url = PG_URL if backend == "postgresql" else f"sqlite:///{tmp_path / 'shared.db'}"
+    spec = write_spec(tmp_path, study=name, storage=url, trials=10, workers=1)
     procs = [(start(spec, tmp_path / f"driver{i}.log"), tmp_path / f"driver{i}.log") for i in range(2)]
     try:
         for proc, log in procs:
             finish(proc, log)
-        trials = trials_of(name, PG_URL)
+        trials = trials_of(name, url)
         evaluated = check_exact_and_unique(trials, 10)
         assert len({t.user_attrs["worker"] for t in evaluated}) == 2, "both drivers should have evaluated plans"
     finally:
         try:
-            optuna.delete_study(study_name=name, storage=PG_URL)
+            optuna.delete_study(study_name=name, storage=url)
         except KeyError:
             pass
 

@@ -25,7 +25,7 @@ def write_spec(tmp_path, **changes) -> Path:
 
 BAD_PLANS = [
     ({"name": "model.layers.30.mlp.up_proj", "format": "4"},
-     "--plan: layer 'model.layers.30.mlp.up_proj' is not in the workload (30 blocks)"),
+     "--plan: layer 'model.layers.30.mlp.up_proj' is not in smollm2-135m (30 blocks)"),
     ({"name": "model.layers.0.mlp.up_proj", "sparsity": "4:4"},
      "--plan: layers[0] (model.layers.0.mlp.up_proj): sparsity: '4:4' is not N:M with 0 < N < M"),
     ({"name": "model.layers.0.mlp.down_proj", "sparsity": "2:7"},

@@ -80,3 +80,28 @@ def test_unknown_models_are_one_line_errors(name, message):
 def test_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model_path(str(tmp_path))
+
+
+def test_the_layer_cache_fingerprint_is_the_content_not_the_directory(tiny_hf_dir, tmp_path):
+    """The same weights loaded from two directories have one fingerprint (so they share the layer cache), and a
+    copy whose one weight is one ulp larger has another (every byte is hashed, not a sample)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evaluators.compress.cache import model_fingerprint
+
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    shutil.copytree(tiny_hf_dir, same)
+    shutil.copytree(tiny_hf_dir, changed)
+    weights = load_file(changed / "model.safetensors")
+    w = weights["model.layers.1.mlp.down_proj.weight"]
+    w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(float("inf")))
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+
+    models = [load_model(str(path))[0] for path in (tiny_hf_dir, same, changed)]
+    assert len({m.config._name_or_path for m in models}) == 3, "three directories"
+    original, edited = models[0].state_dict(), models[2].state_dict()
+    assert sum(int((original[k] != edited[k]).sum()) for k in original) == 1, "one weight differs, by one ulp"
+    fingerprints = [model_fingerprint(m) for m in models]
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]

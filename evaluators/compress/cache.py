@@ -11,7 +11,8 @@ atomically (several Ray workers share it):
 * ``reference/<proxy key>.safetensors``: the dense model's next-token log-probabilities on a
   proxy set.
 
-:func:`model_fingerprint` identifies the base model by its config and a digest of every weight.
+:func:`model_fingerprint` identifies the base model by content: its config (not the directory it was loaded from)
+and the SHA-256 of every weight's bytes.
 """
 
 from __future__ import annotations
@@ -35,15 +36,25 @@ PACKING = "containers-v1"
 """Storage layout of a layer entry's codes (:func:`~evaluators.compress.packed.pack_containers`)."""
 
 
+LOCATION_KEYS = ("_name_or_path",)
+"""Config entries that say where the model was loaded from, not what it is (left out of the fingerprint)."""
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """16 hex digits identifying the model: its config and, per parameter, name, shape and a value digest."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, param in model.state_dict().items():
-            flat = param.detach().reshape(-1).float()
-            stride = max(1, flat.numel() // 4096)
-            digest.update(f"{name}{tuple(param.shape)}{float(flat.double().sum()):.10e}".encode())
-            digest.update(flat[::stride].numpy().tobytes())
+    """16 hex digits of the SHA-256 of the model's content: its config (without :data:`LOCATION_KEYS`, so the same
+    weights loaded from another directory share the cache) and every tensor of its state dict (name, dtype, shape
+    and all its bytes, so copies that differ in a single weight do not; a tied tensor is hashed once). About 0.3 s
+    for the 135M default model in float32 on one CPU core."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in LOCATION_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    first: dict[tuple, str] = {}  # tensor identity -> the first name it had
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        same = first.setdefault((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()), name)
+        if same != name:
+            digest.update(f"= {same}".encode())
+            continue
+        digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
 
 
