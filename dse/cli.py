@@ -355,18 +355,22 @@ def _terminate(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds():
-    """While the command runs, SIGTERM is handled by :func:`_terminate` (the previous handler is restored after)."""
+def _signals_unwind():
+    """While the command runs, SIGTERM is handled by :func:`_terminate` and SIGINT raises KeyboardInterrupt even
+    when the process inherited it ignored (a background job of a non-interactive shell, as CI runs one), so both
+    stop what the command started; the previous handlers are restored after."""
     global _terminated
     _terminated = False
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     from dse.driver import EvaluationError
 
     try:
-        with _sigterm_unwinds():
+        with _signals_unwind():
             code = args.func(args)
             sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's flush at exit
         return code
