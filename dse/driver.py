@@ -68,7 +68,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dse.space import suggest_accelerator, suggest_plan
-from dse.spec import ACCURACY, MODEL_OBJECTIVES
+from dse.spec import ACCURACY
 from dse.study import (FULL_PREFIX, Setup, full_results, objective_values, retry_callback, screen, trial_record,
                        trial_records)
 
@@ -165,7 +165,7 @@ class Driver:
         self.starting: dict = {}       # the trial being started (trial, trial_id, plan_hash): see _start_guarded
         self.heartbeat = Heartbeat(storage, claims, self.spec.heartbeat_s)
         self.fidelities = ("proxy", "full") if any(o.name == ACCURACY for o in self.spec.objectives) else ("proxy",)
-        self.model_objective = any(o.name in MODEL_OBJECTIVES for o in self.spec.objectives)
+        self.model_objective = self.spec.needs_model
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:

@@ -349,6 +349,11 @@ class StudySpec:
         return self
 
     @property
+    def needs_model(self) -> bool:
+        """Whether an objective is measured on the compressed model (else the study runs on the cost model alone)."""
+        return any(o.name in MODEL_OBJECTIVES for o in self.objectives)
+
+    @property
     def threads_per_worker(self) -> int:
         return self.ray.threads_per_worker
 

@@ -28,7 +28,7 @@ from dse.arch import PlanMismatch, Workload, check_plan
 from dse.hardware import HardwareSpace
 from dse.plan import BlockPlan, LayerPlan, ModelPlan
 from dse.space import Unit, build_units
-from dse.spec import ACCURACY, MODEL_OBJECTIVES, PROXY_KL, SpecError, StudySpec
+from dse.spec import ACCURACY, PROXY_KL, SpecError, StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def prepare(spec: StudySpec) -> Setup:
                             else f"model_type {workload.model_type} has no attention to replace")
     check_nm_widths(spec, workload, units)
     hardware = spec.hardware_space
-    if any(o.name in MODEL_OBJECTIVES for o in spec.objectives):
+    if spec.needs_model:
         unmodelled = [f"{name} {values}" for name, values in (
             ("kv_bits", [v for v in hardware.choices("kv_bits") if v != 16]),
             ("attention_window", [v for v in hardware.choices("attention_window") if v is not None])) if values]
@@ -359,10 +359,9 @@ def run_study(spec: StudySpec, progress: bool = True) -> optuna.Study:
 
     setup = prepare(spec)
     check_storage(setup)
-    model_objective = any(o.name in MODEL_OBJECTIVES for o in spec.objectives)
-    if model_objective:
+    if spec.needs_model:
         check_evaluation(spec)
-    actors = start_actors(spec) if model_objective else []
+    actors = start_actors(spec) if spec.needs_model else []
     with setup.hardware.active():
         try:
             storage = make_storage(spec)
