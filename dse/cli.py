@@ -1,11 +1,14 @@
 """The ``dse`` command line.
 
     dse start SPEC            create or resume the study in SPEC and run it to its trial budget
+    dse list                  the studies in a storage: model, objectives, trials per state, budget, times
+                              (--json: a JSON array, keys in dse.report.study_listing)
     dse status STUDY          trial counts by state, the Pareto table (with full-fidelity results), hypervolume
+                              (--json: one JSON object, keys in dse.report.status_dict)
     dse export STUDY --out D  write plan.yaml, accelerator.yaml, hw_report.json, evaluation.json, summary.txt
                               of a trial
                               (--trial N or --pick knee|max-accuracy|min-latency|min-energy, --where,
-                              --checkpoint for the compressed model as packed safetensors)
+                              --checkpoint [--format compressed-tensors|dse-packed] for the compressed model)
     dse dashboard             serve the Streamlit Pareto dashboard (reads the storage only)
     dse sensitivity SPEC      proxy loss of compressing one unit at a time, every allowed choice (cached)
     dse evaluate SPEC --plan  compress the model as a plan file says and report proxy and/or lm-eval scores
@@ -81,9 +84,33 @@ def cmd_start(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    """The studies of ``--storage``: a table, or (``--json``) a JSON array of :func:`dse.report.study_listing`."""
+    import json
+
+    from dse.reader import study_overviews
+    from dse.report import listing_table, study_listing
+
+    listings = [study_listing(o) for o in study_overviews(_existing_storage(args.storage))]
+    if args.json:
+        print(json.dumps(listings, indent=1, allow_nan=False))
+    elif listings:
+        print(listing_table(listings))
+    else:
+        print(f"no studies in {_masked(args.storage)}")
+    return 0
+
+
 def cmd_status(args) -> int:
     study = _open_existing(args.study, args.storage)
-    _print_status(study, _masked(args.storage))
+    if args.json:
+        import json
+
+        from dse.report import status_dict
+
+        print(json.dumps(status_dict(study, _masked(args.storage)), indent=1, allow_nan=False))
+    else:
+        _print_status(study, _masked(args.storage))
     return 0
 
 
@@ -112,7 +139,8 @@ def cmd_export(args) -> int:
 
     study = _open_existing(args.study, args.storage)
     trial = choose_trial(study, args.trial, args.pick, args.where)
-    written = export_trial(study, trial, Path(args.out), checkpoint=args.checkpoint, progress=_say, force=args.force)
+    written = export_trial(study, trial, Path(args.out), checkpoint=args.checkpoint, progress=_say, force=args.force,
+                           checkpoint_format=args.format)
     if screened_out(trial):
         print(f"warning: --trial: {screened_out(trial)}", file=sys.stderr)
     for path in written:
@@ -224,7 +252,7 @@ def cmd_evaluate(args) -> int:
     from evaluators.compress import PlanApplier, PlanApplyError
     from evaluators.fidelity import ProxySet, dense_reference, full_eval, proxy_eval
     from evaluators.lm import TorchLM
-    from evaluators.models import load_model
+    from evaluators.models import check_weights, load_model
     from evaluators.tasks import task_manager
     from hwcost.cli import check_plan_from, load_plan
 
@@ -233,30 +261,42 @@ def cmd_evaluate(args) -> int:
     plan = load_plan(args.plan, setup.workload)
     check_plan_from(plan, setup.workload, "--plan", spec.model)
     _threads(args.threads)  # a bad --threads before minutes of loading
+    check_weights(spec.model)  # a bad weights file is the one line on stderr, before any progress line
+    _say(f"loading model {spec.model}")
     model, tokenizer = load_model(spec.model)
     applier = PlanApplier(model, tokenizer, spec.compression, progress=_say)
     out: dict = {"plan": args.plan}
+    windows = f"{_count(spec.proxy.windows, 'window')} of {spec.proxy.seq_len} tokens"
     if args.fidelity in ("proxy", "both"):
+        _say(f"proxy: building {windows} and the dense model's reference")
         proxy = ProxySet.build(tokenizer, spec.proxy.windows, spec.proxy.seq_len)
         reference = dense_reference(model, proxy, applier.cache)
+    _say(f"applying the plan: {_count(len(plan.layers), 'layer')}"
+         + (f", {_count(len(plan.blocks), 'block mixer')}" if plan.blocks else ""))
     try:
         applied = applier.apply(plan)
     except PlanApplyError as err:
         raise UserError(f"--plan: {err}") from None
     out["compression"] = applied.summary()
     if args.fidelity in ("proxy", "both"):
+        _say(f"proxy: scoring the compressed model on {windows}")
         out["proxy"] = proxy_eval(model, proxy, reference, applier.dense_output_head()).to_dict()
     if args.fidelity in ("full", "both"):
-        lm = TorchLM(model, tokenizer, batch_size=spec.batch_size, disable_tqdm=True)
-        result = full_eval(lm, spec.tasks, task_manager(spec.task_seed))
+        lm = TorchLM(model, tokenizer, batch_size=spec.batch_size, disable_tqdm=not sys.stderr.isatty())
+        result = full_eval(lm, spec.tasks, task_manager(spec.task_seed, spec.task_paths), progress=_say)
         out["full"] = result.to_dict() | {"accuracy": accuracy_of(result.metrics, spec.tasks)}
     print(json.dumps(out, indent=1))
     return 0
 
 
 def _say(message: str) -> None:
-    """Progress of long compression steps (calibration passes, MLGRU distillation), on stderr."""
+    """Progress of long steps (loading, calibration passes, MLGRU distillation, each lm-eval task), on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``1 window``, ``2 windows``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _positive(value, flag: str):
@@ -276,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dse", description="Hardware-aware LLM compression search")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{start,status,export,dashboard,sensitivity,evaluate,hwcost}")
+                                metavar="{start,list,status,export,dashboard,sensitivity,evaluate,hwcost}")
 
     p = sub.add_parser("start", help="create or resume the study in SPEC and run it to its budget")
     p.add_argument("spec", help="study spec YAML (see examples/default.yaml)")
@@ -286,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_start)
 
+    p = sub.add_parser("list", help="the studies in a storage",
+                       description="One line per study: name, model, objectives and directions, trials per state, "
+                                   "budget, creation and last-update times (UTC). --json prints a JSON array of "
+                                   "objects with the keys name, model, objectives ([{name, direction}]), trials "
+                                   "({complete, running, fail, pruned, waiting}), budget, created, last_update "
+                                   "(null where unknown).")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")
+    p.add_argument("--json", action="store_true", help="a JSON array instead of the table")
+    p.set_defaults(func=cmd_list)
+
     for name, func, text in (("status", cmd_status, "trial counts and the Pareto table of a study"),
                              ("export", cmd_export,
                               "write a trial's plan, accelerator, hardware report and evaluation")):
@@ -293,8 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("study", help="study name")
         p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"storage URL (default {DEFAULT_STORAGE})")
         p.set_defaults(func=func)
+        if name == "status":
+            p.add_argument("--json", action="store_true",
+                           help="one JSON object instead of the text: study, storage, model, device, budget, "
+                                "objectives, constraints, searched, trials (per state, infeasible), pareto (per "
+                                "trial: trial, values, hw_metrics, accelerator, constraints, proxy, full, "
+                                "warm_start, plan), full_results, hypervolume ({value, feasible}); null, never NaN")
         if name == "export":
             from dse.export import PICKS
+            from dse.plan import CHECKPOINT_FORMATS
 
             p.add_argument("--out", required=True, help="output directory")
             group = p.add_mutually_exclusive_group()
@@ -303,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--where", action="append", metavar="COND",
                            help="only trials meeting it, e.g. 'decode_tokens_per_s>=30' (repeatable)")
             p.add_argument("--checkpoint", action="store_true",
-                           help="also write the compressed model (packed safetensors + loader metadata)")
+                           help="also write the compressed model into OUT/checkpoint (README: Exported models)")
+            p.add_argument("--format", choices=CHECKPOINT_FORMATS, default=CHECKPOINT_FORMATS[0],
+                           help="checkpoint format: compressed-tensors (transformers/vLLM load it; BitNet for "
+                                "ternary plans) or dse-packed (any plan, this package's loader)")
             p.add_argument("--force", action="store_true",
                            help="replace another trial's bundle in --out (never files that are not a bundle's)")
 

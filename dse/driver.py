@@ -21,7 +21,9 @@ One trial:
    ``accuracy`` is an objective); the result is told as soon as it arrives.
 
 Promotion: every ``promotion.every`` completed trials and at the end, the Pareto trials without a
-full-fidelity result are evaluated on the full tasks (:func:`dse.study.full_results`).
+full-fidelity result are evaluated on the full tasks (:func:`dse.study.full_results`). Each promotion says
+when it starts (``promoting trial 12 to full fidelity (tasks: a, b)``) and when it ends (``trial 12 full:
+accuracy 0.31 (41 s)``), above the progress bar (or in the log at INFO level when no bar is shown).
 
 Persistence: the driver records a heartbeat for each trial it runs (Optuna's heartbeat, every
 ``heartbeat_s``); trials whose heartbeat is older than three intervals (a killed driver) are
@@ -59,6 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import warnings
@@ -337,6 +340,8 @@ class Driver:
             self.heartbeat.full_keys.discard(str(job.number))
             self._io(self.study.set_user_attr, f"{FULL_PREFIX}{job.number}", {
                 **evaluation["full"], "worker": evaluation["worker"], "timings_s": evaluation["timings_s"]})
+            self._say(f"trial {job.number} full: accuracy {evaluation['full']['accuracy']:.4g} "
+                      f"({evaluation['timings_s']['full']:.0f} s)")
             return
         values = objective_values(self.spec, job.report, evaluation)
         not_finite = [f"{o.name} is {v}" for o, v in zip(self.spec.objectives, values) if not math.isfinite(v)]
@@ -409,6 +414,8 @@ class Driver:
             self.heartbeat.full_keys.add(key)
             ref = actor.evaluate.remote(json.dumps(self.records.plan(trial)), ("full",))
             self.jobs[ref] = Job("full", actor, number=trial.number)
+            self._say(f"promoting trial {trial.number} to full fidelity "
+                      f"(tasks: {', '.join(t.name for t in self.spec.tasks)})")
         while final and self.jobs:
             ready, _ = ray.wait(list(self.jobs), num_returns=1)
             self._finish(ready[0])
@@ -494,6 +501,13 @@ class Driver:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
+
+    def _say(self, message: str) -> None:
+        """A progress line: above the progress bar when it is shown (``tqdm.write``), else in the log (INFO)."""
+        if self.bar.disable:
+            log.info(message)
+        else:
+            self.bar.write(message, file=sys.stderr)
 
     def _show(self, trials) -> None:
         from dse.pareto import is_feasible, study_front, study_hypervolume

@@ -58,7 +58,8 @@ PICKS = ("knee", "max-accuracy", "min-latency", "min-energy")
 WHERE_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 BUNDLE = "bundle.json"
 BUNDLE_FORMAT = "dse-export-bundle"
-BUNDLE_FILES = ("plan.yaml", "accelerator.yaml", "hw_report.json", "evaluation.json", "summary.txt", "checkpoint")
+BUNDLE_FILES = ("plan.yaml", "accelerator.yaml", "kernels.json", "kernels.hpp", "hw_report.json", "evaluation.json",
+                "summary.txt", "checkpoint")
 """What a bundle holds besides ``bundle.json`` (the names of bundles written before it)."""
 
 
@@ -230,10 +231,12 @@ def _in_bundle(filename, out: Path) -> bool:
 
 
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
-                 progress=None, records: TrialRecords | None = None, force: bool = False) -> list[Path]:
+                 progress=None, records: TrialRecords | None = None, force: bool = False,
+                 checkpoint_format: str = "compressed-tensors") -> list[Path]:
     """Write the bundle for ``trial`` into the directory ``out``, atomically (module docstring; ``force``: replace
-    another trial's bundle); with ``checkpoint`` also the compressed model in ``out/checkpoint`` (loadable with
-    :func:`evaluators.checkpoint.load_checkpoint`). Returns the files, ``bundle.json`` last. ``records``: the
+    another trial's bundle); with ``checkpoint`` also the compressed model in ``out/checkpoint`` in
+    ``checkpoint_format`` (:data:`dse.plan.CHECKPOINT_FORMATS`: transformers loads a compressed-tensors one as it
+    is; :func:`evaluators.checkpoint.load_checkpoint` loads both). Returns the files, ``bundle.json`` last. ``records``: the
     study's (default: found through the storage the study was loaded from). :class:`ExportError` for an ``--out``
     that may not be replaced or cannot be written."""
     records = records or TrialRecords.of(study)
@@ -250,7 +253,7 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
         raise ExportError(f"--out: cannot create {out.parent}: {err.strerror or err}") from None
     try:
         with replacing_directory(out) as tmp:
-            names = _write_bundle(study, trial, tmp, records, checkpoint, progress)
+            names = _write_bundle(study, trial, tmp, records, checkpoint and checkpoint_format, progress)
             _write_manifest(tmp, names, study.study_name, trial, plan_hash)
     except OSError as err:  # about the bundle's own paths: --out; anything else (a model file) is not ours
         if not _in_bundle(err.filename, out):
@@ -260,9 +263,11 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
 
 
 def _write_bundle(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, records: TrialRecords,
-                  checkpoint: bool, progress) -> list[str]:
-    """The bundle's files (not ``bundle.json``) in the new directory ``out``; their paths relative to it."""
+                  checkpoint: str | bool, progress) -> list[str]:
+    """The bundle's files (not ``bundle.json``) in the new directory ``out``; their paths relative to it.
+    ``checkpoint``: the checkpoint format, or False for none."""
     from dse.study import full_result
+    from hwcost.kernel_table import bundle_files_of_records
 
     plan, hw = records.plan(trial), records.report(trial) or {}
     accelerator = trial_accelerator(study, trial, records)
@@ -278,6 +283,8 @@ def _write_bundle(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Pat
     files = {
         "plan.yaml": yaml.safe_dump({**header, "plan": plan}, sort_keys=False),
         **({"accelerator.yaml": accelerator_yaml(study, accelerator)} if accelerator else {}),
+        **(bundle_files_of_records(plan, study.user_attrs.get("workload"), accelerator, hw,
+                                   study.user_attrs.get("devices")) if plan and accelerator else {}),
         "hw_report.json": json.dumps(hw, indent=1),
         "evaluation.json": json.dumps(evaluation, indent=1),
         "summary.txt": summary_text(study, trial, full, hw),
@@ -291,7 +298,7 @@ def _write_bundle(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Pat
 
         compression = CompressionSpec(**spec.get("compression", {}))
         paths = write_checkpoint(spec["model"], ModelPlan.from_dict(plan), compression, out / "checkpoint",
-                                 progress=progress)
+                                 progress=progress, format=checkpoint)
         written += [path.relative_to(out).as_posix() for path in paths]
     return written
 

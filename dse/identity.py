@@ -11,6 +11,10 @@ Identity (:data:`IDENTITY`, refused when it differs):
 
 ``model``, and the architecture read from its config (``model.workload.<field>``, the study attribute
 ``workload``): what is compressed. ``tasks`` (name, metric, limit) and ``task_seed``: what accuracy means.
+``task_paths``, the user's task directories: their task files (YAMLs and the Python they may name), compared by
+content (``task_paths[i].files.<file>``: sha256 stored with the study's spec next to each directory's absolute
+path), not by path, so moving the directory keeps the study while an edited, added or removed task file is
+refused; the data files a task YAML reads are not digested (edit them and the study's trials mix two datasets).
 ``space`` (groups, tie, mlgru_blocks, ignore): the Optuna parameters; a changed space would also meet Optuna's
 ``CategoricalDistribution does not support dynamic value space``. ``hardware``, fixed and searched fields
 (an absent field counts as the Accelerator's default, so spelling out a default is no change), and the
@@ -38,8 +42,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-IDENTITY = ("model", "tasks", "task_seed", "space", "hardware", "objectives", "constraints", "compression", "proxy",
-            "sampler")
+IDENTITY = ("model", "tasks", "task_seed", "task_paths", "space", "hardware", "objectives", "constraints",
+            "compression", "proxy", "sampler")
 """Top-level spec fields (:meth:`dse.spec.StudySpec.to_dict`) that define what a trial means."""
 MAY_CHANGE = ("trials", "workers", "threads_per_worker", "storage", "ray_address", "heartbeat_s", "batch_size",
               "promotion", "warm_start")
@@ -96,6 +100,8 @@ def comparable(spec: dict, workload: dict | None, devices: dict | None) -> dict:
     out["hardware"] = {**_hardware(out["hardware"] if isinstance(out["hardware"], dict) else {}),
                        "devices_file": _plain(devices or {})}
     out["constraints"] = sorted(out["constraints"]) if isinstance(out["constraints"], list) else out["constraints"]
+    if isinstance(out["task_paths"], list):  # their content, not where they are
+        out["task_paths"] = [{"files": d.get("files")} if isinstance(d, dict) else d for d in out["task_paths"]]
     return out
 
 

@@ -33,6 +33,10 @@ PLAN_VERSION = 1
 WEIGHT_BITS = (16, 8, 7, 6, 5, 4, 3, 2)
 FORMAT_NAMES = tuple(str(b) for b in WEIGHT_BITS) + ("ternary",)
 MIXERS = ("attention", "mlgru")
+CHECKPOINT_FORMATS = ("compressed-tensors", "dse-packed")
+"""Formats of an exported checkpoint: ``compressed-tensors`` (default; BitNet for ternary plans): what transformers
+and vLLM load as they are (:mod:`evaluators.hf_export`); ``dse-packed``: any plan, N:M stored as kept weights,
+read by this package (:mod:`evaluators.checkpoint`)."""
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq", "refit")
 """``rtn`` round-to-nearest (ternary: BitLinear absmean), ``gptq`` error-compensated rounding with the layer

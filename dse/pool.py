@@ -104,7 +104,7 @@ def start_actors(spec: StudySpec) -> list:
     return [
         EvaluatorActor.options(num_cpus=spec.threads_per_worker, runtime_env={"env_vars": WORKER_ENV}).remote(
             spec.model, spec.tasks, spec.task_seed, spec.batch_size, spec.threads_per_worker, spec.compression,
-            spec.proxy)
+            spec.proxy, spec.task_paths)
         for _ in range(spec.workers)
     ]
 

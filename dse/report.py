@@ -145,11 +145,114 @@ def pareto_table(study: optuna.Study, trials=None) -> str:
     return format_table(rows, [c for c in columns if any(row.get(c) is not None for row in rows)] or columns)
 
 
-def hypervolume_line(study: optuna.Study, trials=None) -> str:
-    """One line: the hypervolume of the feasible trials (normalised by their own bounds) and its basis."""
+def hypervolume_of(study: optuna.Study, trials=None) -> tuple[float, int]:
+    """The hypervolume of the feasible trials (normalised by their own bounds, reference point 1.1) and how
+    many feasible trials it is computed from."""
     from dse.pareto import is_feasible, study_hypervolume
 
     trials = trials if trials is not None else study.get_trials(deepcopy=False)
-    feasible = sum(is_feasible(t) for t in trials)
-    return (f"hypervolume {study_hypervolume(study, trials):.4f} (objectives normalised to [0, 1] between "
+    return study_hypervolume(study, trials), sum(is_feasible(t) for t in trials)
+
+
+def hypervolume_line(study: optuna.Study, trials=None) -> str:
+    """One line: the hypervolume of the feasible trials (normalised by their own bounds) and its basis."""
+    volume, feasible = hypervolume_of(study, trials)
+    return (f"hypervolume {volume:.4f} (objectives normalised to [0, 1] between "
             f"the best and worst of {feasible} feasible trials, reference point 1.1)")
+
+
+def json_native(value):
+    """``value`` as ``json.dumps(..., allow_nan=False)`` takes it: floats that are not finite (NaN, infinities)
+    become None, tuples lists, datetimes ISO 8601 text (a naive one is taken as UTC), mapping keys text."""
+    import math
+    from datetime import datetime, timezone
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_native(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_native(v) for v in value]
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    return value
+
+
+def _trial_counts(states: dict[str, int]) -> dict[str, int]:
+    """Trials per state (lower-case state names, every state of :data:`STATES`) from counts by state name."""
+    return {state.lower(): states.get(state, 0) for state in STATES}
+
+
+def _objectives(names: list[str], directions: list[str]) -> list[dict]:
+    return [{"name": n, "direction": d} for n, d in zip(names, directions)]
+
+
+def study_listing(overview) -> dict:
+    """One study as ``dse list`` shows it (``overview``: a :class:`dse.reader.StudyOverview`): ``name``,
+    ``model`` (from the ``spec`` attribute), ``objectives`` (``[{name, direction}]``), ``trials`` (per state:
+    ``complete``, ``running``, ``fail``, ``pruned``, ``waiting``), ``budget`` (the trial budget in force, or
+    None), ``created`` (UTC time of the study's first ``dse start``, or None for a study not made by ``dse``)
+    and ``last_update`` (UTC time of its latest trial start or finish, to the second, or None); times are
+    ISO 8601 text."""
+    from dse.identity import budget, runs
+
+    spec = overview.user_attrs.get("spec") or {}
+    names = overview.metric_names or [o["name"] for o in spec.get("objectives", [])] or [
+        f"objective{i}" for i in range(len(overview.directions))]
+    recorded = runs(overview.user_attrs)
+    return {"name": overview.name, "model": spec.get("model") or overview.user_attrs.get("model"),
+            "objectives": _objectives(names, overview.directions), "trials": _trial_counts(overview.states),
+            "budget": budget(overview.user_attrs), "created": recorded[0].get("time") if recorded else None,
+            "last_update": json_native(overview.last_update and overview.last_update.replace(microsecond=0))}
+
+
+def listing_table(listings: list[dict]) -> str:
+    """:func:`study_listing` rows as a text table, one line per study."""
+    headers = ["study", "model", "objectives", *(s.lower() for s in STATES), "budget", "created", "last update"]
+    rows = [[s["name"], s["model"] or "", ", ".join(f"{o['name']} {o['direction'][:3]}" for o in s["objectives"]),
+             *(s["trials"][state.lower()] for state in STATES), "" if s["budget"] is None else s["budget"],
+             s["created"] or "", s["last_update"] or ""] for s in listings]
+    return text_table(rows, headers)
+
+
+def pareto_entry(trial: optuna.trial.FrozenTrial, full: dict | None, names: list[str]) -> dict:
+    """One Pareto trial for ``dse status --json``: ``trial`` (number), ``values`` (objective name -> value),
+    ``hw_metrics`` (every scalar metric of its hardware report, :func:`hw_metrics`), ``accelerator`` (its
+    searched accelerator fields, {} when none are searched), ``constraints`` (constraint name -> value, <= 0
+    met), ``proxy`` (its proxy result, or None), ``full`` (its full-fidelity result, or None), ``warm_start``
+    (the warm-start label, or None) and ``plan`` (:func:`plan_label`)."""
+    return {"trial": trial.number, "values": dict(zip(names, trial.values or [])),
+            "hw_metrics": hw_metrics(trial.user_attrs), "accelerator": trial.user_attrs.get("accelerator") or {},
+            "constraints": dict(trial.constraints),
+            "proxy": trial.user_attrs.get("eval", {}).get("proxy"), "full": full,
+            "warm_start": trial.user_attrs.get("warm_start"), "plan": plan_label(trial.user_attrs)}
+
+
+def status_dict(study: optuna.Study, storage: str, trials=None) -> dict:
+    """What ``dse status`` prints, as one JSON-native object (:func:`json_native`; no NaN): ``study``,
+    ``storage`` (the URL, password masked), ``model``, ``device``, ``budget``, ``objectives``
+    (``[{name, direction}]``), ``constraints`` (the spec's, as written), ``searched`` (the searched accelerator
+    fields and their choices), ``trials`` (per state, as in ``dse list``, plus ``infeasible``: completed trials
+    screened out by the cost model), ``pareto`` (:func:`pareto_entry` of each Pareto trial, best first on the
+    first objective), ``full_results`` (trial number as text -> full-fidelity result: promotions and trials
+    evaluated in full) and ``hypervolume`` (``{value, feasible}``: see :func:`hypervolume_of`)."""
+    from dse.identity import budget
+    from dse.study import full_results
+
+    spec = study.user_attrs.get("spec", {})
+    trials = trials if trials is not None else study.get_trials(deepcopy=False)
+    names = objective_names(study)
+    full = full_results(study, trials)
+    counts = state_counts(study)
+    volume, feasible = hypervolume_of(study, trials)
+    hardware = spec.get("hardware") or {}
+    return json_native({
+        "study": study.study_name, "storage": storage, "model": spec.get("model") or study.user_attrs.get("model"),
+        "device": device_label(spec, study.user_attrs), "budget": budget(study.user_attrs),
+        "objectives": _objectives(names, [d.name.lower() for d in study.directions]),
+        "constraints": list(spec.get("constraints", [])),
+        "searched": {k: hardware[k] for k in searched_fields(spec)},
+        "trials": {**_trial_counts(counts), "infeasible": counts["infeasible"]},
+        "pareto": [pareto_entry(t, full.get(t.number), names) for t in pareto_trials(study, trials)],
+        "full_results": {str(n): full[n] for n in sorted(full)},
+        "hypervolume": {"value": volume, "feasible": feasible}})

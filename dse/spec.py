@@ -60,6 +60,12 @@ def _unique_names(items: tuple, message: str, *at) -> None:
             raise Problem(message.format(name), *at, i, "name")
 
 
+def _task_dir(path: str) -> str:
+    from evaluators.tasks import check_task_dir
+
+    return check_task_dir(path)
+
+
 def _format(value: Any) -> WeightFormat:
     try:
         return value if isinstance(value, WeightFormat) else WeightFormat.parse(value)
@@ -69,6 +75,8 @@ def _format(value: Any) -> WeightFormat:
 
 Regex = Annotated[str, PlainValidator(lambda v: _regex(check_text(v)))]
 """A non-empty regular expression (module names are matched in full)."""
+TaskDir = Annotated[str, PlainValidator(lambda v: _task_dir(check_text(v)))]
+"""A directory of lm-eval task YAMLs (lm-eval's ``include_path``), made absolute."""
 SparsityChoice = Annotated[Sparsity | None,
                            PlainValidator(lambda v: v if isinstance(v, Sparsity) else Sparsity.parse(str(v)))]
 FormatChoice = Annotated[WeightFormat, PlainValidator(_format)]
@@ -306,6 +314,9 @@ class StudySpec:
     ray: RaySpec = field(default_factory=RaySpec)
     #: seed of the text split and task construction
     task_seed: Int(0) = 0
+    #: directories of the user's lm-eval task YAMLs (lm-eval's include_path, relative to the spec file) whose
+    #: tasks ``tasks`` may name, besides the local and lm-eval's own tasks
+    task_paths: tuple[TaskDir, ...] = ()
     #: lm-eval batch size inside each worker
     batch_size: Int(1, 512) = 8
     storage: Annotated[str, PlainValidator(_storage)] = "sqlite:///dse-studies.db"
@@ -348,6 +359,14 @@ class StudySpec:
             raise Problem("nsga3 needs at least 2 objectives", "sampler", "name")
         return self
 
+    @cached_property
+    def task_sources(self) -> list[dict]:
+        """Each of ``task_paths`` with the sha256 of its task files (:func:`evaluators.tasks.task_files`), read
+        once: ``{"path": absolute path, "files": {relative path: sha256}}``."""
+        from evaluators.tasks import task_files
+
+        return [{"path": path, "files": task_files(path)} for path in self.task_paths]
+
     @property
     def needs_model(self) -> bool:
         """Whether an objective is measured on the compressed model (else the study runs on the cost model alone)."""
@@ -380,6 +399,7 @@ class StudySpec:
             for g in self.space.groups
         ]
         d["constraints"] = [str(c) for c in self.constraints]
+        d["task_paths"] = self.task_sources
         return d
 
     @property
@@ -399,11 +419,19 @@ def parse_spec(data: Any) -> StudySpec:
     return parse(StudySpec, data)
 
 
+def _beside(spec_file: str | Path, path: str) -> str:
+    """``path`` as written in the spec file ``spec_file``: relative to the file's folder, made absolute."""
+    return str((Path(spec_file).parent / path.strip()).absolute())
+
+
 def load_spec(path: str | Path, overrides: dict | None = None) -> StudySpec:
     """Read and validate a spec file; ``overrides`` replace top-level fields (e.g. from the command line)."""
     data = read_yaml(path, SpecError, noun="spec file")
     hardware = data.get("hardware")
     if isinstance(hardware, dict) and isinstance(hardware.get(DEVICES_FILE), str):  # relative to the spec file
-        hardware = {**hardware, DEVICES_FILE: str((Path(path).parent / hardware[DEVICES_FILE]).absolute())}
+        hardware = {**hardware, DEVICES_FILE: _beside(path, hardware[DEVICES_FILE])}
         data = {**data, "hardware": hardware}
+    if isinstance(data.get("task_paths"), list):
+        data = {**data, "task_paths": [_beside(path, p) if isinstance(p, str) and p.strip() else p
+                                       for p in data["task_paths"]]}
     return parse_spec({**data, **{k: v for k, v in (overrides or {}).items() if v is not None}})

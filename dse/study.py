@@ -65,7 +65,7 @@ def prepare(spec: StudySpec) -> Setup:
     except ValueError as err:
         raise SpecError("model", str(err).splitlines()[0]) from None
     try:
-        resolve_tasks([t.name for t in spec.tasks], seed=spec.task_seed)
+        resolve_tasks([t.name for t in spec.tasks], seed=spec.task_seed, include_paths=spec.task_paths)
     except ValueError as err:
         message = str(err).splitlines()[0]
         raise SpecError("" if message.startswith("tasks") else "tasks", message) from None
@@ -221,14 +221,14 @@ def check_storage(setup: Setup) -> None:
 def check_evaluation(spec: StudySpec) -> None:
     """Before any work of a study with a model objective: every task loads here with its data and reports its
     chosen metric (:func:`evaluators.tasks.reported_metrics`), and the model's weights files match its config
-    (:func:`evaluators.models.check_weights`). One SpecError line naming ``tasks[i].name``,
-    ``tasks[i].metric`` or ``model``."""
+    (:func:`evaluators.models.check_weights`), the spec's ``task_paths`` known. One SpecError line naming
+    ``tasks[i].name``, ``tasks[i].metric`` or ``model``."""
     from evaluators.models import check_weights
     from evaluators.tasks import TaskDataError, reported_metrics
 
     for i, task in enumerate(spec.tasks):
         try:
-            metrics = reported_metrics(task.name, spec.task_seed)
+            metrics = reported_metrics(task.name, spec.task_seed, spec.task_paths)
         except TaskDataError as err:
             raise SpecError(f"tasks[{i}].name", str(err)) from None
         if task.metric not in metrics:

@@ -28,11 +28,13 @@ class Evaluator:
 
     At start it loads the model, the proxy token set and the dense reference (cached on disk
     once per model), so each proxy evaluation is one apply (mostly cache loads) and one
-    forward pass over the proxy tokens.
+    forward pass over the proxy tokens. ``task_paths``: the spec's task directories (absolute
+    paths, read on the actor's machine), known to its lm-eval task manager.
     """
 
     def __init__(self, model: str, tasks: tuple[TaskSpec, ...], task_seed: int, batch_size: int, threads: int,
-                 compression: CompressionSpec | None = None, proxy: ProxySpec | None = None):
+                 compression: CompressionSpec | None = None, proxy: ProxySpec | None = None,
+                 task_paths: tuple[str, ...] = ()):
         import torch
 
         from evaluators.compress import PlanApplier
@@ -50,7 +52,7 @@ class Evaluator:
         self.reference = dense_reference(self.model, self.proxy, self.applier.cache)
         self.lm = TorchLM(self.model, self.tokenizer, batch_size=batch_size, disable_tqdm=True)
         self.tasks = tasks
-        self.task_manager = task_manager(task_seed)
+        self.task_manager = task_manager(task_seed, task_paths)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.load_s = time.perf_counter() - started
 

@@ -434,8 +434,9 @@ def proxy_eval(model, proxy: ProxySet, reference: DenseReference, dense_head=Non
                       seed=proxy.seed)
 
 
-def full_eval(lm, tasks, task_manager) -> EvalResult:
-    """The full fidelity: every task of ``tasks`` (``TaskSpec``: name, metric, limit) through lm-eval on ``lm``."""
+def full_eval(lm, tasks, task_manager, progress=None) -> EvalResult:
+    """The full fidelity: every task of ``tasks`` (``TaskSpec``: name, metric, limit) through lm-eval on ``lm``.
+    ``progress``, when given, is called with one line as each task starts (``full: task 1/2 NAME (limit 12)``)."""
     import contextlib
 
     from evaluators.harness import run_tasks
@@ -449,7 +450,10 @@ def full_eval(lm, tasks, task_manager) -> EvalResult:
     # Local tasks read only local files: keep `datasets` from trying a hub.
     local = all(t.name in LOCAL_NAMES for t in tasks)
     with offline_datasets() if local else contextlib.nullcontext():
-        for task in tasks:
+        for i, task in enumerate(tasks, 1):
+            if progress:
+                progress(f"full: task {i}/{len(tasks)} {task.name} "
+                         f"({'all documents' if task.limit is None else f'limit {task.limit}'})")
             result = run_tasks(lm, [task.name], task_manager, limit=task.limit)
             metrics.update(result.metrics)
             samples.update(result.samples)

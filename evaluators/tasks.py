@@ -33,9 +33,11 @@ Passionate Pilgrim reprints two Sonnets and three passages of Love's Labour's Lo
 task gets :data:`N_DOCS` documents sampled with the seed, in a shuffled order, so lm-eval's
 ``limit`` takes a mix of works.
 
-``task_manager(seed)`` returns an ``lm_eval.tasks.TaskManager`` that knows these tasks AND
-lm-eval's standard ones (hellaswag, arc_easy, wikitext, ...; those need their dataset hub).
-``resolve_tasks(names)`` rejects unknown names with a one-line ``ValueError``.
+``task_manager(seed, include_paths)`` returns an ``lm_eval.tasks.TaskManager`` that knows these tasks, the
+user's task directories ``include_paths`` (a spec's ``task_paths``: folders of lm-eval task YAMLs, lm-eval's
+``include_path``) AND lm-eval's standard ones (hellaswag, arc_easy, wikitext, ...; those need their dataset hub).
+``resolve_tasks(names)`` rejects unknown names with a one-line ``ValueError``. :func:`check_task_dir` checks a
+user's task directory, :func:`task_files` digests its task definitions (what a study's identity compares).
 ``reported_metrics(name)`` loads one task as lm-eval will (its data included: from the local datasets cache
 first, from the hub only when it answers, so unreachable data is one :class:`TaskDataError` line at once) and
 returns the metric names its results will have, without evaluating anything.
@@ -544,26 +546,54 @@ def offline_datasets() -> Iterator[None]:
                 os.environ[k] = v
 
 
-_MANAGERS: dict[tuple[int, str], Any] = {}
+_MANAGERS: dict[tuple, Any] = {}
+TASK_FILE_SUFFIXES = (".yaml", ".py")
+"""The files of a task directory that define its tasks (lm-eval's configs and the Python they may name with
+``!function``); their digests are a study's identity (:func:`task_files`). Data files are not digested."""
 
 
-def task_manager(seed: int = 0) -> Any:
-    """An ``lm_eval.tasks.TaskManager`` knowing the local tasks of ``seed`` and lm-eval's standard tasks.
+def check_task_dir(path: str | Path) -> str:
+    """The absolute path of a user's task directory; ``ValueError`` (one line) unless it is a directory holding
+    at least one ``.yaml`` file (lm-eval indexes ``**/*.yaml`` under an ``include_path``)."""
+    folder = Path(path).absolute()
+    if not folder.is_dir():
+        raise ValueError(f"'{path}' is not a directory (give a folder of lm-eval task YAML files)")
+    if next(folder.rglob("*.yaml"), None) is None:
+        raise ValueError(f"'{path}' holds no .yaml file (lm-eval reads task configs from *.yaml files)")
+    return str(folder)
 
-    Indexing lm-eval's ~15,000 task configs takes about 10 s, so the manager is cached per
-    process (per seed and cache folder).
-    """
+
+def task_files(path: str | Path) -> dict[str, str]:
+    """sha256 (hex) of each task-defining file (:data:`TASK_FILE_SUFFIXES`) under the directory ``path``, by its
+    path relative to it (sorted, ``/`` separated)."""
+    folder = Path(path)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TASK_FILE_SUFFIXES
+                   and "__pycache__" not in p.parts)
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _manager(seed: int, include_paths: Sequence[str], defaults: bool) -> Any:
+    """A cached ``TaskManager`` of the local tasks of ``seed``, the directories ``include_paths`` and (if
+    ``defaults``) lm-eval's own tasks (indexing those takes about 10 s, the others a second)."""
     folder = build_tasks(seed)
-    key = (seed, str(folder))
+    paths = tuple(str(p) for p in include_paths)
+    key = (seed, str(folder), paths, defaults)
     if key not in _MANAGERS:
         from lm_eval.tasks import TaskManager
 
-        _MANAGERS[key] = TaskManager(include_path=str(folder), include_defaults=True)
+        _MANAGERS[key] = TaskManager(include_path=[str(folder), *paths], include_defaults=defaults)
     return _MANAGERS[key]
 
 
-def resolve_tasks(names: str | Sequence[str], seed: int = 0) -> list[str]:
-    """Check lm-eval task/group/tag names; return them (deduplicated, in order).
+def task_manager(seed: int = 0, include_paths: Sequence[str] = ()) -> Any:
+    """An ``lm_eval.tasks.TaskManager`` knowing the local tasks of ``seed``, the task directories
+    ``include_paths`` and lm-eval's standard tasks, cached per process (per seed, cache folder and paths)."""
+    return _manager(seed, include_paths, True)
+
+
+def resolve_tasks(names: str | Sequence[str], seed: int = 0, include_paths: Sequence[str] = ()) -> list[str]:
+    """Check lm-eval task/group/tag names (known to :func:`task_manager` with ``include_paths``); return them
+    (deduplicated, in order).
 
     Raises ``ValueError`` with a one-line message naming every unknown name.
     """
@@ -575,12 +605,15 @@ def resolve_tasks(names: str | Sequence[str], seed: int = 0) -> list[str]:
     if all(n in LOCAL_NAMES for n in names):
         build_tasks(seed)
         return names
-    known = set(task_manager(seed).all_tasks)
+    known = set(_local_manager(seed, include_paths).all_tasks)
+    if not all(n in known for n in names):
+        known = set(task_manager(seed, include_paths).all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
+        users = f"the tasks of task_paths ({', '.join(map(str, include_paths))}); " if include_paths else ""
         raise ValueError(
             f"tasks: unknown lm-eval task name(s) {', '.join(repr(n) for n in unknown)}; "
-            f"local tasks: {', '.join(LOCAL_NAMES)}; any task of the installed lm-eval also works "
+            f"local tasks: {', '.join(LOCAL_NAMES)}; {users}any task of the installed lm-eval also works "
             f"(e.g. hellaswag, arc_easy) where its data is reachable"
         )
     return names
@@ -590,25 +623,20 @@ class TaskDataError(UserError, ValueError):
     """A task lm-eval cannot load here (its data unreachable, a tag of several tasks); one-line message."""
 
 
-def _local_manager(seed: int) -> Any:
-    """A TaskManager of the local tasks alone (a second, where indexing lm-eval's own tasks takes about 10)."""
-    folder = build_tasks(seed)
-    key = (seed, f"local:{folder}")
-    if key not in _MANAGERS:
-        from lm_eval.tasks import TaskManager
-
-        _MANAGERS[key] = TaskManager(include_path=str(folder), include_defaults=False)
-    return _MANAGERS[key]
+def _local_manager(seed: int, include_paths: Sequence[str] = ()) -> Any:
+    """A TaskManager of the local tasks and the directories ``include_paths`` alone (lm-eval's own not indexed)."""
+    return _manager(seed, include_paths, False)
 
 
-def _load(name: str, seed: int) -> dict:
+def _load(name: str, seed: int, include_paths: Sequence[str] = ()) -> dict:
     """lm-eval's task dict of ``name`` with its data: offline first (the local datasets cache), then from the hub
     when it answers; TaskDataError when neither works."""
     from lm_eval.tasks import get_task_dict as _get_task_dict
 
     from evaluators.models import hub_unreachable
 
-    manager = _local_manager(seed) if name in LOCAL_NAMES else task_manager(seed)
+    # a task of include_paths may include lm-eval's own tasks (a group of them): the whole index
+    manager = _local_manager(seed) if name in LOCAL_NAMES else task_manager(seed, include_paths)
 
     def load() -> dict:
         with warnings.catch_warnings():
@@ -623,6 +651,9 @@ def _load(name: str, seed: int) -> dict:
     if name in LOCAL_NAMES:
         raise TaskDataError(f"cannot load the local task '{name}': {offline}")
     problem = hub_unreachable()
+    if problem and name in _local_manager(seed, include_paths).all_tasks:
+        raise TaskDataError(f"cannot load '{name}' (a task of task_paths): {offline}; the hub cannot be reached "
+                            f"either ({problem})")
     if problem:
         raise TaskDataError(f"the data of '{name}' is not in the local datasets cache and the hub cannot be "
                             f"reached ({problem}); local tasks: {', '.join(LOCAL_TASKS)}")
@@ -638,11 +669,12 @@ def _keys(metrics: Iterable[str], filters: Iterable[str]) -> list[str]:
     return [m if f == "none" else f"{m},{f}" for f in filters for m in metrics]
 
 
-def reported_metrics(name: str, seed: int = 0) -> list[str]:
+def reported_metrics(name: str, seed: int = 0, include_paths: Sequence[str] = ()) -> list[str]:
     """The metric names lm-eval's results will have for task or group ``name`` (its metric list, or the
-    output type's defaults, per filter; a group's aggregate metrics), loading its data (:func:`_load`) but
-    evaluating nothing. TaskDataError for unreachable data, or a tag whose tasks lm-eval reports one by one."""
-    loaded = _load(name, seed)
+    output type's defaults, per filter; a group's aggregate metrics), loading its data (:func:`_load`, the task
+    directories ``include_paths`` known) but evaluating nothing. TaskDataError for unreachable data, or a tag
+    whose tasks lm-eval reports one by one."""
+    loaded = _load(name, seed, include_paths)
     if len(loaded) == 1 and not isinstance(next(iter(loaded)), str):  # a group: its aggregate metrics
         group = next(iter(loaded))
         aggregates = getattr(getattr(group, "config", None), "aggregate_metric_list", None) or []
@@ -656,12 +688,12 @@ def reported_metrics(name: str, seed: int = 0) -> list[str]:
     return _keys(task.aggregation(), [f.name for f in getattr(task, "_filters", [])] or ["none"])
 
 
-def get_task_dict(names: str | Sequence[str], seed: int = 0) -> dict:
+def get_task_dict(names: str | Sequence[str], seed: int = 0, include_paths: Sequence[str] = ()) -> dict:
     """``lm_eval.tasks.get_task_dict`` for ``names``, loading only-local task lists with datasets offline."""
     from lm_eval.tasks import get_task_dict as _get_task_dict
 
-    names = resolve_tasks(names, seed)
-    manager = task_manager(seed)
+    names = resolve_tasks(names, seed, include_paths)
+    manager = task_manager(seed, include_paths)
     local = all(n in LOCAL_NAMES for n in names)
     with warnings.catch_warnings(), (offline_datasets() if local else contextlib.nullcontext()):
         warnings.simplefilter("ignore", DeprecationWarning)  # lm-eval 0.4.10+ prefers TaskManager.load()
@@ -679,8 +711,8 @@ def _main(argv: Sequence[str] | None = None) -> int:  # python -m evaluators.tas
 
 
 __all__ = ["GROUP", "LOCAL_NAMES", "LOCAL_TASKS", "N_DOCS", "TaskDataError", "build_documents", "build_tasks",
-           "get_task_dict", "offline_datasets", "parse_work", "reported_metrics", "resolve_tasks", "task_manager",
-           "tasks_dir"]
+           "check_task_dir", "get_task_dict", "offline_datasets", "parse_work", "reported_metrics", "resolve_tasks",
+           "task_files", "task_manager", "tasks_dir"]
 
 if __name__ == "__main__":
     raise SystemExit(_main())

@@ -6,6 +6,8 @@
                         --device ID [--clock-mhz F] [--accel ACCEL.yaml]
                         [--act-bits 8|16] [--batch B] [--context C] [--prompt P] [--devices-file F]
                         [--json] [--all-layers]
+    dse hwcost kernels  --model-config PATH|NAME (--plan PLAN.yaml | --weights ...) [accelerator flags as
+                        estimate] --out DIR                    kernels.json and kernels.hpp (hwcost.kernel_table)
     dse hwcost calibrate [--json] [--fit]                       the published designs next to the model's
                                                                 predictions (exit 1 if a toleranced check fails);
                                                                 --fit also refits the fitted constants
@@ -59,7 +61,7 @@ class HwcostError(UserError, ValueError):
 # ---------------------------------------------------------------------------- argparse
 def add_hwcost_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``hwcost`` and its subcommands on ``subparsers`` (``dse``'s); each sets ``func(args) -> int``."""
-    p = subparsers.add_parser("hwcost", help="the FPGA cost model alone: devices, estimate, calibrate, test",
+    p = subparsers.add_parser("hwcost", help="the FPGA cost model alone: devices, estimate, kernels, calibrate, test",
                               description="The analytical FPGA cost model without a study.")
     add_subcommands(p)
     return p
@@ -67,7 +69,7 @@ def add_hwcost_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="hwcost_command", required=True, parser_class=OneLineParser,
-                                metavar="{devices,estimate,calibrate,test}")
+                                metavar="{devices,estimate,kernels,calibrate,test}")
 
     p = sub.add_parser("devices", help="list the device catalog (and devices from --devices-file)")
     p.add_argument("--devices-file", metavar="FILE.yaml", help="user devices to add to the catalog")
@@ -77,6 +79,37 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("estimate", help="cost of a plan for a model on a device",
                        description="Cost of a uniform plan (--weights ...) or a plan file (--plan) for a model "
                                    "shape on an FPGA accelerator.")
+    add_costing_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--all-layers", action="store_true", help="every row of the per-layer table")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("kernels", help="the per-layer kernel table of a plan: kernels.json and kernels.hpp",
+                       description="Write the per-layer kernel table (hwcost.kernel_table) of a plan costed on an "
+                                   "accelerator: kernels.json and the C++17 header kernels.hpp an HLS kernel "
+                                   "includes, as 'dse export' writes them into a bundle.")
+    add_costing_flags(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write kernels.json and kernels.hpp "
+                                                               "into (created; other files are left alone)")
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("calibrate", help="the published FPGA designs next to the model's predictions",
+                       description="Reproduce the published designs (hwcost/data/published_fpga.yaml, as "
+                                   "hwcost/data/calibration.yaml describes them) and compare the model's "
+                                   "predictions with the reported figures. Exit 0 when every toleranced check "
+                                   "passes, 1 otherwise.")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    p.add_argument("--fit", action="store_true", help="also refit the fitted constants (constants.yaml) and print "
+                                                      "them next to the stored ones")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("test", help="rerun the cost-model test suite (pytest) and print its summary")
+    p.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG", help="extra pytest arguments (after --)")
+    p.set_defaults(func=cmd_test)
+
+
+def add_costing_flags(p: argparse.ArgumentParser) -> None:
+    """The model, plan and accelerator flags of ``estimate`` and ``kernels``."""
     p.add_argument("--model-config", required=True, metavar="PATH|NAME",
                    help=f"config.json, a model directory, or one of {', '.join(BUILTIN_CONFIGS)}")
     source = p.add_mutually_exclusive_group()
@@ -108,23 +141,6 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--context", metavar="C", help="tokens of KV cache per decode step")
     p.add_argument("--prompt", metavar="P", help="prompt tokens for the prefill latency")
     p.add_argument("--devices-file", metavar="FILE.yaml", help="user devices to add to the catalog")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--all-layers", action="store_true", help="every row of the per-layer table")
-    p.set_defaults(func=cmd_estimate)
-
-    p = sub.add_parser("calibrate", help="the published FPGA designs next to the model's predictions",
-                       description="Reproduce the published designs (hwcost/data/published_fpga.yaml, as "
-                                   "hwcost/data/calibration.yaml describes them) and compare the model's "
-                                   "predictions with the reported figures. Exit 0 when every toleranced check "
-                                   "passes, 1 otherwise.")
-    p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
-    p.add_argument("--fit", action="store_true", help="also refit the fitted constants (constants.yaml) and print "
-                                                      "them next to the stored ones")
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("test", help="rerun the cost-model test suite (pytest) and print its summary")
-    p.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG", help="extra pytest arguments (after --)")
-    p.set_defaults(func=cmd_test)
 
 
 # ---------------------------------------------------------------------------- value parsing
@@ -425,33 +441,64 @@ def cmd_devices(args) -> int:
     return 0
 
 
-def cmd_estimate(args) -> int:
+def costed_plan(args):
+    """(workload, accelerator, plan, plan source, report) of ``estimate``'s and ``kernels``' flags; call it inside
+    ``user_devices`` of :func:`command_devices`."""
     from hwcost.model import estimate
 
-    user = {**accel_devices(args.accel), **load_user_devices(args.devices_file)}  # --devices-file wins
-    with user_devices(user):
-        workload = load_workload(args.model_config)
-        accel = build_accelerator(args)
-        if args.plan:
-            for flag, value in (("--sparsity", args.sparsity), ("--group-size", args.group_size),
-                                ("--mixer", args.mixer), ("--keep-lm-head", args.keep_lm_head or None)):
-                if value is not None:
-                    raise HwcostError(f"{flag}: applies to a uniform plan (--weights), not to --plan")
-            plan, flag, source = load_plan(args.plan, workload), "--plan", args.plan
-        else:
-            plan, flag = uniform_plan(workload, args), "--sparsity"
-            source = "uniform " + (f"{args.sparsity} " if args.sparsity and args.sparsity != "dense" else "") \
-                + str(plan.layers[0].fmt if plan.layers else "fp16")
-        check_plan_from(plan, workload, flag, args.model_config)
-        try:
-            report = estimate(plan, workload, accel)
-        except ValueError as err:
-            raise HwcostError(f"{'--plan' if args.plan else '--weights'}: {err}") from None
+    workload = load_workload(args.model_config)
+    accel = build_accelerator(args)
+    if args.plan:
+        for flag, value in (("--sparsity", args.sparsity), ("--group-size", args.group_size),
+                            ("--mixer", args.mixer), ("--keep-lm-head", args.keep_lm_head or None)):
+            if value is not None:
+                raise HwcostError(f"{flag}: applies to a uniform plan (--weights), not to --plan")
+        plan, flag, source = load_plan(args.plan, workload), "--plan", args.plan
+    else:
+        plan, flag = uniform_plan(workload, args), "--sparsity"
+        source = "uniform " + (f"{args.sparsity} " if args.sparsity and args.sparsity != "dense" else "") \
+            + str(plan.layers[0].fmt if plan.layers else "fp16")
+    check_plan_from(plan, workload, flag, args.model_config)
+    try:
+        report = estimate(plan, workload, accel)
+    except ValueError as err:
+        raise HwcostError(f"{'--plan' if args.plan else '--weights'}: {err}") from None
+    return workload, accel, plan, source, report
+
+
+def command_devices(args) -> dict:
+    """The boards of ``--accel``'s ``devices:`` and of ``--devices-file`` (which wins)."""
+    return {**accel_devices(args.accel), **load_user_devices(args.devices_file)}
+
+
+def cmd_estimate(args) -> int:
+    with user_devices(command_devices(args)):
+        workload, accel, plan, source, report = costed_plan(args)
         meta = {"model": args.model_config, "plan": source}
         if args.json:
             print(json.dumps(report_json(report, workload, plan, accel, meta), indent=1))
         else:
             print(report_text(report, workload, plan, accel, meta, all_layers=args.all_layers))
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    from hwcost.kernel_table import bundle_files, kernel_table
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HwcostError(f"--out: {out} is a file, not a directory")
+    with user_devices(command_devices(args)):
+        workload, accel, plan, _, report = costed_plan(args)
+        files = bundle_files(kernel_table(plan, workload, accel, report))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text)
+    except OSError as err:
+        raise HwcostError(f"--out: cannot write {out}: {err.strerror or err}") from None
+    for name in files:
+        print(out / name)
     return 0
 
 

@@ -100,10 +100,10 @@ def test_names_and_shapes_are_the_models_linear_modules(name):
 def test_a_plan_with_an_mlgru_applies_and_restores(name, tmp_path):
     model, workload = build(name)
     x = ids()
-    dense = logits(model, x)
     applier = PlanApplier(model, settings=CompressionSpec(distill_steps=3, mode="sequential"),
                           cache=CompressionCache("tiny-" + name, tmp_path),
                           calibration=CalibrationSet(ids(4, 16, seed=2)))
+    dense = logits(model, x)  # the applier's dense model: every tensor at its 16-bit storage width
     plan = plan_for(workload)
     report = applier.apply(plan)
     mlgru = M.decoder_layers(model)[1].mlgru

@@ -148,7 +148,8 @@ def checkpoint(tiny_model, tmp_path_factory):
     model, _ = load_model(str(tiny_model))
     cache = CompressionCache(model_fingerprint(model), root / "cache")
     plan = ModelPlan((LayerPlan("model.layers.0.mlp.up_proj", None, WeightFormat("4", 32)),))
-    write_checkpoint(str(tiny_model), plan, CompressionSpec(windows=1, seq_len=32), root / "ckpt", cache=cache)
+    write_checkpoint(str(tiny_model), plan, CompressionSpec(windows=1, seq_len=32), root / "ckpt", cache=cache,
+                     format="dse-packed")
     return root / "ckpt"
 
 
@@ -663,12 +664,12 @@ def _broken_checkpoint(kind: str, good: Path, tmp: Path) -> Path:
         data.update({"format_version": 99} if kind == "format-version" else {"format": "gguf"})
         manifest.write_text(json.dumps(data))
     elif kind == "no-weights":
-        (path / "model.safetensors").unlink()
+        (path / "dse-packed.safetensors").unlink()
     elif kind == "truncated-weights":
-        weights = path / "model.safetensors"
+        weights = path / "dse-packed.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif kind == "flipped-bytes":
-        _flip(path / "model.safetensors", offset_from_end=64 * 1024)
+        _flip(path / "dse-packed.safetensors", offset_from_end=64 * 1024)
     return path
 
 
@@ -680,9 +681,9 @@ CHECKPOINT = [
     ("checkpoint-json-not-json", "manifest-not-json", "checkpoint.json"),
     ("format-version", "format-version", "format version"),
     ("format-name", "format-name", "checkpoint.json"),
-    ("no-weights", "no-weights", "model.safetensors"),
-    ("truncated-weights", "truncated-weights", "model.safetensors"),
-    ("flipped-bytes", "flipped-bytes", "model.safetensors"),
+    ("no-weights", "no-weights", "dse-packed.safetensors"),
+    ("truncated-weights", "truncated-weights", "dse-packed.safetensors"),
+    ("flipped-bytes", "flipped-bytes", "dse-packed.safetensors"),
 ]
 
 

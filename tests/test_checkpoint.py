@@ -22,10 +22,11 @@ from safetensors import safe_open
 
 from dse.plan import BlockPlan, LayerPlan, ModelPlan, Sparsity, WeightFormat
 from evaluators.settings import CompressionSpec
-from evaluators.checkpoint import (FORMAT_VERSION, CheckpointError, check_sums, load_checkpoint, pack_codes,
+from evaluators.checkpoint import (FORMAT_VERSION, WEIGHTS, CheckpointError, check_sums, load_checkpoint, pack_codes,
                                    pack_mask, read_manifest, unpack_codes, unpack_mask, write_checkpoint)
 from evaluators.compress import PlanApplier
 from evaluators.compress.cache import CompressionCache, model_fingerprint
+from evaluators.compress.ternary import BitLinearForward
 from evaluators.models import DEFAULT_MODEL, load_model, resolve_model_path
 
 SPEC = CompressionSpec(distill_steps=20, windows=2, seq_len=64)
@@ -83,9 +84,10 @@ def export_and_reload(name, plan, tmp_path):
     applier = PlanApplier(model, tokenizer, SPEC, cache=CompressionCache(fingerprint, cache_root))
     applier.apply(plan)
     out = tmp_path / "ckpt"
-    files = write_checkpoint(name, plan, SPEC, out, cache=CompressionCache(fingerprint, cache_root))
+    files = write_checkpoint(name, plan, SPEC, out, cache=CompressionCache(fingerprint, cache_root),
+                             format="dse-packed")
     names = {f.name for f in files}
-    assert {"model.safetensors", "config.json", "checkpoint.json", "tokenizer.json"} <= names
+    assert {WEIGHTS, "config.json", "checkpoint.json", "tokenizer.json"} <= names
     assert all(f.parent == out and f.exists() for f in files)
     reloaded, tok2 = load_checkpoint(out)
     assert not reloaded.training and tok2 is not None
@@ -97,7 +99,7 @@ def check_packed(out, plan_layers):
     """Every compressed layer is packed (no dense weight), with the documented byte counts."""
     manifest = read_manifest(out)
     records = {r["name"]: r for r in manifest["layers"]}
-    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(out / WEIGHTS), framework="pt") as handle:
         keys = set(handle.keys())
         meta = handle.metadata()
         for name, record in records.items():
@@ -106,13 +108,16 @@ def check_packed(out, plan_layers):
             assert json.loads(meta[f"layer:{name}"]) == record
             if record["format"] == "16":
                 assert f"{name}.qweight" not in keys and f"{name}.scales" not in keys
-                assert handle.get_tensor(f"{name}.values").dtype == torch.float32
+                assert handle.get_tensor(f"{name}.values").dtype == torch.float16  # the base model's FP16 values
             else:
                 q = handle.get_tensor(f"{name}.qweight")
-                assert q.dtype == torch.uint8 and q.shape == (math.ceil(rows * cols * record["bits"] / 8),)
+                # codes of the kept weights only: all of them, or the mask's 1 bits for an N:M layer
+                kept = rows * cols if record["sparsity"] == "dense" else int(
+                    unpack_mask(handle.get_tensor(f"{name}.nm_mask"), rows * cols).sum())
+                assert q.dtype == torch.uint8 and q.shape == (math.ceil(kept * record["bits"] / 8),)
                 assert record["bits"] == (2 if record["format"] == "ternary" else int(record["format"]))
                 scales = handle.get_tensor(f"{name}.scales")
-                assert scales.dtype == torch.float32
+                assert scales.dtype == torch.float16
                 if record["format"] != "ternary":
                     assert scales.shape == (rows, math.ceil(cols / record["scale_group"]))
                 else:  # absmean per tensor, or refit per output channel
@@ -209,13 +214,13 @@ def test_tiny_mixed_plan_round_trip(tiny_model_dir, tmp_path):
     assert manifest["plan"] == plan.to_dict() and manifest["compression"]["distill_steps"] == 20
     assert not manifest["tied_embeddings"]  # lm_head compressed: untied
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(out / WEIGHTS), framework="pt") as handle:
         keys = set(handle.keys())
     assert {"model.layers.3.mlgru.g_norm.weight", "model.layers.3.mlgru.lower_bound",
             "model.embed_tokens.weight"} <= keys
     assert not any(k.startswith("model.layers.3.self_attn.") for k in keys)
     # ternary layers (and only they) quantise their inputs to 8 bits per token in the reloaded model
-    hooked = {n for n, m in reloaded.named_modules() if m._forward_pre_hooks}
+    hooked = {n for n, m in reloaded.named_modules() if isinstance(m.__dict__.get("forward"), BitLinearForward)}
     assert hooked == {n for n, r in records.items() if r["format"] == "ternary"}
 
 
@@ -227,9 +232,9 @@ def test_tiny_uncompressed_lm_head_stays_tied(tiny_model_dir, tmp_path):
     assert float((logits(reloaded, ids) - logits(evaluated, ids)).abs().max()) <= 1e-5
     manifest = check_packed(out, plan.layers)
     assert manifest["tied_embeddings"] and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
-    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(out / WEIGHTS), framework="pt") as handle:
         assert "lm_head.weight" not in set(handle.keys())
-    assert manifest["sizes"]["model_safetensors_bytes"] < manifest["sizes"]["dense_fp32_bytes"]
+    assert manifest["sizes"]["weights_file_bytes"] < manifest["sizes"]["dense_fp32_bytes"]
 
 
 def test_not_a_checkpoint_raises_one_line_value_error(tiny_model_dir, tmp_path):
@@ -254,8 +259,7 @@ def test_not_a_checkpoint_raises_one_line_value_error(tiny_model_dir, tmp_path):
         load_checkpoint(hf_dir)
     (hf_dir / "checkpoint.json").write_text(json.dumps({"format": "dse-compressed-checkpoint",
                                                         "format_version": FORMAT_VERSION}))
-    (hf_dir / "model.safetensors").unlink()
-    raises(hf_dir, "model.safetensors")
+    raises(hf_dir, WEIGHTS)  # a version 3 checkpoint's weights are not model.safetensors
 
 
 # ---------------------------------------------------------------------------------------------- integrity
@@ -276,7 +280,7 @@ TINY_PLAN = ModelPlan((LayerPlan("model.layers.0.mlp.up_proj", Sparsity(2, 4), W
 
 def test_every_tensor_carries_the_sha256_of_its_stored_bytes(tiny_model_dir, tmp_path):
     _, _, _, out = export_and_reload(str(tiny_model_dir), TINY_PLAN, tmp_path)
-    weights = out / "model.safetensors"
+    weights = out / WEIGHTS
     raw = weights.read_bytes()
     sums = read_manifest(out)["tensor_sha256"]
     spans = tensor_spans(weights)
@@ -286,7 +290,7 @@ def test_every_tensor_carries_the_sha256_of_its_stored_bytes(tiny_model_dir, tmp
 
 def test_flipped_bytes_in_a_tensor_fail_the_load_naming_the_file_and_tensor(tiny_model_dir, tmp_path):
     evaluated, _, tokenizer, out = export_and_reload(str(tiny_model_dir), TINY_PLAN, tmp_path)
-    weights = out / "model.safetensors"
+    weights = out / WEIGHTS
     name, (start, end) = max(tensor_spans(weights).items(), key=lambda item: item[1][1] - item[1][0])
     middle = (start + end) // 2
     data = bytearray(weights.read_bytes())
@@ -307,7 +311,7 @@ def test_flipped_bytes_in_a_tensor_fail_the_load_naming_the_file_and_tensor(tiny
 
 def test_missing_sums_and_old_checkpoints_are_refused(tiny_model_dir, tmp_path):
     _, _, _, out = export_and_reload(str(tiny_model_dir), TINY_PLAN, tmp_path)
-    path, weights = out / "checkpoint.json", out / "model.safetensors"
+    path, weights = out / "checkpoint.json", out / WEIGHTS
     good = json.loads(path.read_text())
 
     def refused(manifest: dict, message: str) -> None:
@@ -339,10 +343,10 @@ def test_smollm2_mixed_plan_round_trip(tmp_path):
     print(f"SmolLM2 mixed plan: max |logit diff| {diff:.3g}")
     assert diff <= 1e-5, diff
     manifest = check_packed(out, plan.layers)
-    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(out / WEIGHTS), framework="pt") as handle:
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
     started = time.perf_counter()
-    check_sums(stored, manifest, out / "model.safetensors")  # the integrity check load_checkpoint runs
+    check_sums(stored, manifest, out / WEIGHTS)  # the integrity check load_checkpoint runs
     print(f"sha256 of {sum(t.numel() * t.element_size() for t in stored.values()) / 1e6:.0f} MB of tensors: "
           f"{time.perf_counter() - started:.2f} s")
     assert len(manifest["layers"]) == len(plan.layers)
@@ -364,7 +368,7 @@ def test_smollm2_int4_plan_is_much_smaller(tmp_path):
     assert diff <= 1e-5, diff
     manifest = check_packed(out, plan.layers[:3])
     sizes = manifest["sizes"]
-    file_bytes, dense_bytes = sizes["model_safetensors_bytes"], sizes["dense_fp32_bytes"]
+    file_bytes, dense_bytes = sizes["weights_file_bytes"], sizes["dense_fp32_bytes"]
     print(f"SmolLM2 INT4/g64 (all {len(names)} linear layers): max |logit diff| {diff:.3g}, "
           f"{file_bytes / 1e6:.1f} MB vs dense FP32 {dense_bytes / 1e6:.1f} MB ({dense_bytes / file_bytes:.2f}x)")
     # per INT4/g64 weight: 0.5 byte of code + 4/64 byte of scale; embeddings stay FP32

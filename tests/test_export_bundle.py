@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -79,11 +81,39 @@ def test_bundle_lists_every_file_with_its_sha256(hw_study, tmp_path, capsys):
     assert manifest["plan_hash"] == study.trials[number].user_attrs["plan_hash"]
     files = tree(out)
     assert set(manifest["files"]) == set(files) - {"bundle.json"} == {
-        "plan.yaml", "accelerator.yaml", "hw_report.json", "evaluation.json", "summary.txt"}
+        "plan.yaml", "accelerator.yaml", "kernels.json", "kernels.hpp", "hw_report.json", "evaluation.json",
+        "summary.txt"}
     for name, entry in manifest["files"].items():  # what sha256sum of the file prints
         assert entry == {"bytes": (out / name).stat().st_size, "sha256": files[name]}, name
     assert printed == [str(out / name) for name in manifest["files"]] + [str(out / "bundle.json")]
     assert siblings(out) == []
+
+
+def test_bundle_has_the_kernel_table_of_its_hardware_report(hw_study, tmp_path):
+    """kernels.json lists every linear layer of hw_report.json in its order with the report's figures (kept MACs
+    per token: per step / batch), on the accelerator of accelerator.yaml; kernels.hpp compiles (g++, C++17)."""
+    number = trials_of(hw_study)["feasible"][0]
+    out = tmp_path / "bundle"
+    assert export(hw_study, number, out) == 0
+    table = json.loads((out / "kernels.json").read_text())
+    report = json.loads((out / "hw_report.json").read_text())
+    accelerator = yaml.safe_load((out / "accelerator.yaml").read_text())
+    not_linear = ("embedding fp16", "attention fp16", "mlgru", "vector unit")
+    linear = [row for row in report["layers"] if row["kernel"] not in not_linear]
+    assert [row["name"] for row in table["layers"]] == [row["name"] for row in linear]
+    assert len(linear) == 30 * 7 + 1 or any(".mlgru." in row["name"] for row in linear)  # SmolLM2: 30 blocks + head
+    for row, cost in zip(table["layers"], linear):
+        assert (row["label"], row["weight_bytes"], row["resident"], row["bound"], row["compute_cycles"],
+                row["memory_cycles"]) == (cost["kernel"], cost["weight_bytes"], cost["resident"], cost["bound"],
+                                          cost["compute_cycles"], cost["memory_cycles"]), row["name"]
+        assert row["kept_macs"] * accelerator["batch"] == cost["kept_macs"]
+    assert (table["accelerator"]["device"], table["accelerator"]["clock_mhz"]) == (
+        accelerator["device"], accelerator["clock_mhz"])
+    gxx = shutil.which("g++")
+    if gxx:
+        proc = subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-x", "c++", str(out / "kernels.hpp")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_same_trial_replaces_its_bundle_and_an_empty_directory_is_fine(hw_study, tmp_path):
@@ -207,7 +237,8 @@ def test_an_interrupted_export_leaves_the_old_bundle(hw_study, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export_trial(study, study.trials[b], out, checkpoint=True, progress=interrupt, force=True)
+        export_trial(study, study.trials[b], out, checkpoint=True, progress=interrupt, force=True,
+                     checkpoint_format="dse-packed")
     assert tree(out) == before and siblings(out) == []
 
 
@@ -237,10 +268,10 @@ def test_force_replaces_a_checkpoint_bundle_whole(hw_study, tmp_path, capsys):
 
     a, b = trials_of(hw_study)["feasible"]
     out = tmp_path / "bundle"
-    assert export(hw_study, a, out, "--checkpoint") == 0
+    assert export(hw_study, a, out, "--checkpoint", "--format", "dse-packed") == 0
     manifest = json.loads((out / "bundle.json").read_text())
     files = tree(out)
-    assert {"checkpoint/model.safetensors", "checkpoint/checkpoint.json", "checkpoint/config.json"} <= set(
+    assert {"checkpoint/dse-packed.safetensors", "checkpoint/checkpoint.json", "checkpoint/config.json"} <= set(
         manifest["files"])
     assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == {
         name: digest for name, digest in files.items() if name != "bundle.json"}

@@ -27,6 +27,7 @@ from evaluators.models import linear_layer_names, load_model
 def setup():
     torch.manual_seed(0)
     model, tokenizer = load_model()
+    PlanApplier(model)  # as an evaluator actor: the model at its 16-bit storage width, then the reference
     proxy = ProxySet.build(tokenizer, windows=2, seq_len=64)
     return model, proxy, dense_reference(model, proxy)
 
@@ -114,11 +115,12 @@ def test_kl_equals_the_direct_formula(setup):
     assert result.metric("proxy", "kl") == pytest.approx(kl, rel=1e-4)
 
 
-@pytest.mark.parametrize("bits,tolerance", [("8", 1e-3), ("4", 0.01)])
+@pytest.mark.parametrize("bits,tolerance", [("8", 1e-3), ("4", 0.02)])
 def test_compressed_lm_head_kl_within_its_error(setup, bits, tolerance):
     """lm_head compressed: given the dense head weight (as the actors give it) the KL is exact; without it the tail
     goes through the dense head, stays above the bucketed lower bound, and within ``tolerance`` (nats/token,
-    measured: ~3e-4 for INT8, ~1e-3 for INT4)."""
+    measured on the FP16-stored model with FP16 scales: 1.2e-4 for INT8 (the bound), 1.2e-2 for INT4 at an exact KL of
+    0.29)."""
     from dse.plan import WeightFormat
     from evaluators.fidelity import DenseReference
 
@@ -138,7 +140,7 @@ def test_compressed_lm_head_kl_within_its_error(setup, bits, tolerance):
     assert reference.head_is_dense(model)
     value = result.metric("proxy", "kl")
     print(f"lm_head int{bits}: exact {kl:.6f}, proxy {value:.6f} ({value - kl:+.2e}), bound {bound:.6f}")
-    assert bound <= kl and bound <= value
+    assert bound <= kl and bound <= value + 1e-7  # value is max(estimate, bound) per window: equal when the bound wins
     assert value == pytest.approx(kl, abs=tolerance)
     assert recomputed.metric("proxy", "kl") == pytest.approx(kl, rel=1e-4)  # exact with the dense head weight
     assert recomputed.metric("proxy", "ppl") == result.metric("proxy", "ppl")

@@ -46,7 +46,7 @@ SPECS = [  # (old text of examples/default.yaml, its replacement, text appended,
      "{path}: not valid YAML at line {end}, column 1: duplicate key 'trials' (first at line {trials})"),
     ("trials: 16", "trails: 16", "",
      "trails: unknown field; allowed: study, model, tasks, space, hardware, objectives, constraints, sampler, "
-     "trials, workers, ray, task_seed, batch_size, storage, compression, proxy, promotion, warm_start, "
+     "trials, workers, ray, task_seed, task_paths, batch_size, storage, compression, proxy, promotion, warm_start, "
      "heartbeat_s; did you mean 'trials'?"),
     ("group_size: 64\n    - name: head", "groupsize: 64\n    - name: head", "",
      "space.groups[1].groupsize: unknown field; allowed: name, targets, sparsity, formats, prune, quant, "

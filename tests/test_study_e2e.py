@@ -103,10 +103,10 @@ def test_stored_proxy_and_exported_checkpoint_match_a_fresh_evaluation(sqlite_st
                 key=lambda t: len(t.user_attrs["plan_summary"]))  # the most varied plan
     torch.set_num_threads(1)
     model, tokenizer = load_model(spec.model)
+    applier = PlanApplier(model, tokenizer, spec.compression)  # first, as the actors: the 16-bit model
     proxy = ProxySet.build(tokenizer, spec.proxy.windows, spec.proxy.seq_len)
     reference = dense_reference(model, proxy)
     plan = TrialRecords.of(study).plan(trial)
-    applier = PlanApplier(model, tokenizer, spec.compression)
     applier.apply(ModelPlan.from_dict(plan))
     result = proxy_eval(model, proxy, reference, applier.dense_output_head())  # as the actors evaluate
     assert result.metric("proxy", "kl") == pytest.approx(trial.values[0], rel=1e-4, abs=1e-6)
@@ -115,12 +115,30 @@ def test_stored_proxy_and_exported_checkpoint_match_a_fresh_evaluation(sqlite_st
     from evaluators.checkpoint import load_checkpoint
 
     assert main(["export", "e2e-sqlite", "--storage", url, "--trial", str(trial.number), "--checkpoint",
-                 "--out", str(tmp_path)]) == 0
+                 "--format", "dse-packed", "--out", str(tmp_path)]) == 0
     loaded, _ = load_checkpoint(tmp_path / "checkpoint")
     ids = proxy.input_ids[:, :32]
     with torch.inference_mode():
         expected, got = model(ids).logits, loaded(ids).logits
     assert (got - expected).abs().max().item() <= 1e-5
+
+    # the default format: plain transformers reproduces the evaluated logits, or the export refuses in one line
+    from transformers import AutoModelForCausalLM
+
+    from evaluators.hf_export import ExportFormatError, plan_layout
+
+    stock = tmp_path / "stock"
+    try:
+        plan_layout(ModelPlan.from_dict(plan))
+    except ExportFormatError:
+        assert main(["export", "e2e-sqlite", "--storage", url, "--trial", str(trial.number), "--checkpoint",
+                     "--out", str(stock)]) == 2 and not stock.exists()
+        return
+    assert main(["export", "e2e-sqlite", "--storage", url, "--trial", str(trial.number), "--checkpoint",
+                 "--out", str(stock)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(str(stock / "checkpoint"), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        assert (plain(ids).logits - expected).abs().max().item() <= 1e-4
 
 
 def test_status_and_export(sqlite_study, capsys, tmp_path):

@@ -5,6 +5,9 @@ serves every trial: :meth:`PlanApplier.apply` restores the dense model, installs
 the plan asks for (distilled once per block and cached), then sets each named linear layer to its
 compressed weight, loaded from the cache when an earlier trial computed the same thing.
 
+The applier first rounds the model to its 16-bit storage width (:mod:`evaluators.compress.storage`): the dense
+reference and every plan are measured on the values an export stores.
+
 Calibration (``CompressionSpec.mode``, the spec's ``compression`` section) for the methods that read statistics:
 
 * ``sequential`` (default, as the SparseGPT/GPTQ reference code): the calibration hidden states
@@ -38,11 +41,12 @@ from dse.errors import UserError
 from dse.plan import LayerPlan, ModelPlan
 from evaluators.settings import CompressionSpec
 from evaluators.compress import mlgru as mlgru_mod
+from evaluators.compress.storage import round_to_storage, storage_dtype
 from evaluators.compress.cache import CompressionCache, entry_key, model_fingerprint
 from evaluators.compress.calibration import BlockRunner, CalibrationSet, HessianHooks, collect_hessians
 from evaluators.compress.methods import compress_layer, needs_calibration
 from evaluators.compress.modules import config_workload, linear_modules, weight_of
-from evaluators.compress.ternary import activation_hook
+from evaluators.compress.ternary import BitLinearForward
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,8 @@ class PlanApplier:
             raise PlanApplyError(f"model: {err}") from None
         self.linears = linear_modules(model)
         self.blocks = model.get_submodule(self.workload.block_prefix)
+        self.storage_dtype = storage_dtype(model)
+        round_to_storage(model, self.storage_dtype)  # the 16-bit model exports hold (evaluators.compress.storage)
         self.cache = cache or CompressionCache(model_fingerprint(model))
         self.progress = progress or (lambda message: log.info("%s", message))
         self._dense: dict[str, torch.Tensor] = {}
@@ -228,7 +234,7 @@ class PlanApplier:
         weight = weight_of(module)
         weight.copy_(packed.dequantize().to(device=weight.device, dtype=weight.dtype))
         if lp.fmt.is_ternary:
-            self._hooks.append(module.register_forward_pre_hook(activation_hook))
+            self._hooks.append(BitLinearForward.install(module, packed))
         report.layers[lp.name] = {"label": lp.label, "method": f"{lp.prune}/{lp.quant}", "source": source,
                                   "seconds": time.perf_counter() - t0}
 

@@ -30,8 +30,8 @@ from dse.textio import replacing
 from evaluators.compress.packed import PackedWeight, pack_containers, unpack_containers
 from evaluators.paths import cache_dir
 
-CACHE_VERSION = 3
-"""Bump when a method's numerics change so old entries are not reused."""
+CACHE_VERSION = 4
+"""4: FP16 scales and the 16-bit base model (:mod:`.storage`). Bump when a method's numerics change so old entries are not reused."""
 PACKING = "containers-v1"
 """Storage layout of a layer entry's codes (:func:`~evaluators.compress.packed.pack_containers`)."""
 

@@ -10,7 +10,8 @@ A grid is ``(scale, zero, maxq)``: a weight ``w`` gets the integer code
 * Ternary (BitLinear absmean): ``maxq = 2``, ``zero = 1``, ``scale = mean|w|``, so values are
   ``{-1, 0, +1} * scale``.
 
-Grid parameters are computed per row over the kept weights only: pruned weights are
+Scales are rounded to FP16 (:func:`~evaluators.compress.storage.fp16_scales`), the width the cost model counts and
+exports store. Grid parameters are computed per row over the kept weights only: pruned weights are
 passed as zeros, and zero always lies inside an INT grid's range, so they cannot widen it.
 """
 
@@ -20,6 +21,7 @@ import torch
 
 from dse.plan import WeightFormat
 from evaluators.compress.packed import PackedWeight
+from evaluators.compress.storage import fp16_scales
 
 TERNARY_MAXQ = 2
 TERNARY_ZERO = 1.0
@@ -44,7 +46,7 @@ def int_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
+    scale = fp16_scales((xmax - xmin) / maxq)
     zero = torch.full_like(scale, (maxq + 1) / 2) if symmetric else torch.round(-xmin / scale)
     return scale, zero
 
@@ -53,7 +55,7 @@ def ternary_scale(w: torch.Tensor, mask: torch.Tensor | None = None, eps: float 
     """BitLinear's per-tensor absmean scale ``mean|w|`` over the kept weights, as a [1, 1] tensor."""
     mag = w.detach().float().abs()
     kept = mag if mask is None else mag[mask]
-    return kept.mean().clamp_min(eps).reshape(1, 1)
+    return fp16_scales(kept.mean().clamp_min(eps).reshape(1, 1))
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
