@@ -1,5 +1,7 @@
-"""Exporting a chosen trial: plan YAML, accelerator YAML, hardware report JSON, evaluation JSON, a short
-summary, and optionally the compressed model (:mod:`evaluators.checkpoint`). The plan, the accelerator and
+"""Exporting a chosen trial: plan YAML, accelerator YAML, the per-layer kernel table (``kernels.json`` and the C++
+header ``kernels.hpp``, :mod:`hwcost.kernel_table`), hardware report JSON, evaluation JSON, a short summary, and
+optionally the compressed model (compressed-tensors/BitNet, :mod:`evaluators.hf_export`, or dse-packed,
+:mod:`evaluators.checkpoint`). The plan, the accelerator and
 the report are the trial's records (:mod:`dse.records`; the user attributes in studies written before them,
 and the spec's one accelerator for trials written before the accelerator record).
 
@@ -25,7 +27,8 @@ stderr, and ``summary.txt``, ``evaluation.json`` and ``bundle.json`` say so.
 
 The bundle directory
 --------------------
-Everything (plan.yaml, accelerator.yaml, hw_report.json, evaluation.json, summary.txt, checkpoint/ when asked)
+Everything (plan.yaml, accelerator.yaml, kernels.json, kernels.hpp, hw_report.json, evaluation.json, summary.txt,
+checkpoint/ when asked)
 is written into a new sibling directory, ``bundle.json`` last, which then takes the place of ``--out``
 (:func:`dse.textio.replacing_directory`): ``--out`` holds a whole bundle or what it held before, never a mix, and
 nothing is left behind when writing fails or is interrupted. ``bundle.json`` names the study, the trial, its plan

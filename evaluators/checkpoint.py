@@ -287,11 +287,11 @@ class AppliedModel:
     def compressed_weights(self) -> set[str]:
         return {f"{lp.name}.weight" for lp, _, _ in self.layers}
 
-    def uncompressed_tensors(self) -> dict[str, torch.Tensor]:
-        """Every other tensor of the state dict (not the tied head) at :attr:`storage_dtype` where that holds its
-        value exactly (all of the base model's, :mod:`evaluators.compress.storage`), else float32 (distilled
-        MLGRU weights)."""
-        skip = self.compressed_weights | ({self.head_weight} if self.tied else set())
+    def uncompressed_tensors(self, include: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """Every other tensor of the state dict (not the tied head; the compressed weights named in ``include``
+        too, as the module holds them) at :attr:`storage_dtype` where that holds its value exactly (all of the base
+        model's, :mod:`evaluators.compress.storage`), else float32 (distilled MLGRU weights)."""
+        skip = (self.compressed_weights - set(include)) | ({self.head_weight} if self.tied else set())
         out = {}
         for name, t in self.model.state_dict().items():
             if name in skip:

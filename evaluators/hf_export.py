@@ -32,7 +32,7 @@ evaluates: per-tensor absmean scale, 8-bit per-token absmax activations): ``<L>.
 
 Refused (one line naming the reason and ``--format dse-packed``, which holds everything): MLGRU mixers (no stock
 architecture has them), ternary layers next to integer ones, per-channel ternary scales (``refit``), BitNet layers
-whose rows are not a multiple of 4.
+whose rows are not a multiple of 4, quantized layers that are not ``torch.nn.Linear`` (GPT-2's ``Conv1D``).
 
 Every tensor the plan leaves uncompressed is stored at the storage dtype (FP16; BF16 for a bfloat16 model), which
 holds the evaluated values exactly (:mod:`evaluators.compress.storage`), so the file's bytes are the hardware
@@ -93,6 +93,11 @@ def plan_layout(plan) -> str:
 def layout_of(applied: AppliedModel, plan) -> str:
     """:func:`plan_layout`, then what only the model's shapes tell (BitNet packs four rows a byte)."""
     layout = plan_layout(plan)
+    conv = next((lp for lp, packed, _ in applied.layers if packed.codes is not None
+                 and not isinstance(applied.model.get_submodule(lp.name), torch.nn.Linear)), None)
+    if conv is not None:
+        kind = type(applied.model.get_submodule(conv.name)).__name__
+        raise _refuse(f"layer {conv.name} is a {kind}, and {layout} quantizes torch.nn.Linear layers only")
     odd = next(((lp, packed.shape[0]) for lp, packed, _ in applied.layers
                 if packed.fmt.is_ternary and packed.shape[0] % 4), None)
     if odd is not None:
@@ -183,8 +188,7 @@ def save_hf(applier: PlanApplier, plan, out: Path, *, model_name: str | None = N
     tensors: dict[str, torch.Tensor] = {}
     schemes: dict[str, dict] = {}
     for lp, packed, _ in applied.layers:
-        if packed.codes is None:  # FP16 N:M: the masked weight as a plain tensor
-            tensors[f"{lp.name}.weight"] = packed.dequantize().to(applied.storage_dtype).contiguous()
+        if packed.codes is None:  # FP16 N:M: the masked weight as a plain tensor (below)
             continue
         if layout == "bitnet":
             parts = bitnet_tensors(packed)
@@ -194,7 +198,8 @@ def save_hf(applier: PlanApplier, plan, out: Path, *, model_name: str | None = N
             schemes[lp.name] = ct_scheme(packed)
             parts = ct_tensors(packed, QuantizationScheme(targets=[lp.name], **schemes[lp.name]))
         tensors.update({f"{lp.name}.{part}": t for part, t in parts.items()})
-    tensors.update(applied.uncompressed_tensors())
+    tensors.update(applied.uncompressed_tensors(
+        include={f"{lp.name}.weight" for lp, packed, _ in applied.layers if packed.codes is None}))
     say(f"checkpoint: writing {HF_WEIGHTS} ({layout}, {len(applied.layers)} compressed layers)")
     with replacing(out / HF_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})

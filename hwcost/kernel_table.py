@@ -307,6 +307,6 @@ def bundle_files_of_records(plan: dict, workload: dict | None, accelerator: dict
         if report and report.get("layers"):
             try:
                 return bundle_files(kernel_table(model_plan, shape, accel, HwReport.from_dict(report)))
-            except ValueError:
+            except (TypeError, ValueError, KeyError):  # a report of an older version, or not of this plan
                 pass
         return bundle_files(kernel_table(model_plan, shape, accel, estimate(model_plan, shape, accel)))
