@@ -140,7 +140,7 @@ def cmd_export(args) -> int:
     study = _open_existing(args.study, args.storage)
     trial = choose_trial(study, args.trial, args.pick, args.where)
     written = export_trial(study, trial, Path(args.out), checkpoint=args.checkpoint, progress=_say, force=args.force,
-                           checkpoint_format=args.format)
+                           checkpoint_format=args.format, verify=not args.no_verify)
     if screened_out(trial):
         print(f"warning: --trial: {screened_out(trial)}", file=sys.stderr)
     for path in written:
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=CHECKPOINT_FORMATS, default=CHECKPOINT_FORMATS[0],
                            help="checkpoint format: compressed-tensors (transformers/vLLM load it; BitNet for "
                                 "ternary plans) or dse-packed (any plan, this package's loader)")
+            p.add_argument("--no-verify", action="store_true",
+                           help="do not reload a compressed-tensors checkpoint with transformers to compare its "
+                                "logits (saves a second copy of the model in memory)")
             p.add_argument("--force", action="store_true",
                            help="replace another trial's bundle in --out (never files that are not a bundle's)")
 

@@ -235,11 +235,12 @@ def _in_bundle(filename, out: Path) -> bool:
 
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, checkpoint: bool = False,
                  progress=None, records: TrialRecords | None = None, force: bool = False,
-                 checkpoint_format: str = "compressed-tensors") -> list[Path]:
+                 checkpoint_format: str = "compressed-tensors", verify: bool = True) -> list[Path]:
     """Write the bundle for ``trial`` into the directory ``out``, atomically (module docstring; ``force``: replace
     another trial's bundle); with ``checkpoint`` also the compressed model in ``out/checkpoint`` in
     ``checkpoint_format`` (:data:`dse.plan.CHECKPOINT_FORMATS`: transformers loads a compressed-tensors one as it
-    is; :func:`evaluators.checkpoint.load_checkpoint` loads both). Returns the files, ``bundle.json`` last. ``records``: the
+    is; :func:`evaluators.checkpoint.load_checkpoint` loads both; ``verify``: reload it with transformers and
+    compare logits first). Returns the files, ``bundle.json`` last. ``records``: the
     study's (default: found through the storage the study was loaded from). :class:`ExportError` for an ``--out``
     that may not be replaced or cannot be written."""
     records = records or TrialRecords.of(study)
@@ -256,7 +257,7 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
         raise ExportError(f"--out: cannot create {out.parent}: {err.strerror or err}") from None
     try:
         with replacing_directory(out) as tmp:
-            names = _write_bundle(study, trial, tmp, records, checkpoint and checkpoint_format, progress)
+            names = _write_bundle(study, trial, tmp, records, checkpoint and checkpoint_format, progress, verify)
             _write_manifest(tmp, names, study.study_name, trial, plan_hash)
     except OSError as err:  # about the bundle's own paths: --out; anything else (a model file) is not ours
         if not _in_bundle(err.filename, out):
@@ -266,7 +267,7 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path
 
 
 def _write_bundle(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, records: TrialRecords,
-                  checkpoint: str | bool, progress) -> list[str]:
+                  checkpoint: str | bool, progress, verify: bool = True) -> list[str]:
     """The bundle's files (not ``bundle.json``) in the new directory ``out``; their paths relative to it.
     ``checkpoint``: the checkpoint format, or False for none."""
     from dse.study import full_result
@@ -301,7 +302,7 @@ def _write_bundle(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Pat
 
         compression = CompressionSpec(**spec.get("compression", {}))
         paths = write_checkpoint(spec["model"], ModelPlan.from_dict(plan), compression, out / "checkpoint",
-                                 progress=progress, format=checkpoint)
+                                 progress=progress, format=checkpoint, verify=verify)
         written += [path.relative_to(out).as_posix() for path in paths]
     return written
 

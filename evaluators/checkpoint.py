@@ -417,12 +417,15 @@ def save_applied(applier: PlanApplier, plan: ModelPlan, out: Path, *, model_name
 
 def write_checkpoint(model: str, plan: ModelPlan, compression: CompressionSpec | None, out: Path,
                      progress: Callable[[str], None] | None = None, *,
-                     cache: CompressionCache | None = None, format: str = "compressed-tensors") -> list[Path]:
+                     cache: CompressionCache | None = None, format: str = "compressed-tensors",
+                     verify: bool = True) -> list[Path]:
     """Load ``model`` (:func:`evaluators.models.load_model`), apply ``plan`` with
     ``PlanApplier(model, tokenizer, compression)`` (layers from the cache the study's evaluation filled; ``cache``
     chooses another one, e.g. in tests) and write the checkpoint directory ``out`` in ``format``
     (:data:`CHECKPOINT_FORMATS`). Returns the files written. A plan the format cannot hold is refused
-    (:class:`~evaluators.hf_export.ExportFormatError`) before the model is loaded."""
+    (:class:`~evaluators.hf_export.ExportFormatError`) before the model is loaded. ``verify``: reload a
+    compressed-tensors/BitNet directory with transformers and check its logits (a second copy of the model in
+    memory; :func:`evaluators.hf_export.verify`)."""
     from evaluators import hf_export
     from evaluators.models import load_model
 
@@ -434,8 +437,9 @@ def write_checkpoint(model: str, plan: ModelPlan, compression: CompressionSpec |
     say(f"checkpoint: loading {model}")
     net, tokenizer = load_model(model)
     applier = PlanApplier(net, tokenizer, compression, cache=cache, progress=progress)
-    save = hf_export.save_hf if format == "compressed-tensors" else save_applied
-    return save(applier, plan, Path(out), model_name=model, progress=progress)
+    if format == "dse-packed":
+        return save_applied(applier, plan, Path(out), model_name=model, progress=progress)
+    return hf_export.save_hf(applier, plan, Path(out), model_name=model, progress=progress, verify_load=verify)
 
 
 # ---------------------------------------------------------------------------------------------- reading
