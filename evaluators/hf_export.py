@@ -53,7 +53,7 @@ from evaluators.checkpoint import (CONFIG, AppliedModel, CheckpointError, applie
                                    write_model_files)
 from evaluators.compress.apply import PlanApplier
 from evaluators.compress.packed import PackedWeight
-from evaluators.compress.storage import fp16_scales
+from evaluators.compress.modules import linear_modules
 
 HF_WEIGHTS = "model.safetensors"
 VERIFY_ATOL = 1e-4
@@ -127,7 +127,7 @@ def ct_tensors(packed: PackedWeight, scheme) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors import BaseCompressor
 
     offset = 2 ** (packed.fmt.bits - 1)
-    state = {"weight": packed.dequantize(), "weight_scale": fp16_scales(packed.scales).to(torch.float16)}
+    state = {"weight": packed.dequantize(), "weight_scale": packed.scales.to(torch.float16)}  # FP16 values already
     if not packed.fmt.symmetric:
         state["weight_zero_point"] = (packed.zeros - offset).round().to(torch.int8)
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -147,9 +147,8 @@ def bitnet_tensors(packed: PackedWeight) -> dict[str, torch.Tensor]:
 
 def _quantization_config(applied: AppliedModel, layout: str, schemes: dict[str, dict]) -> dict:
     """``config.json``'s ``quantization_config`` for ``layout``; ``schemes``: layer name -> :func:`ct_scheme`."""
-    linear_names = [name for name, module in applied.model.named_modules() if isinstance(module, torch.nn.Linear)]
     quantized = {lp.name for lp, packed, _ in applied.layers if packed.codes is not None}
-    keep = [name for name in linear_names if name not in quantized]
+    keep = [name for name in linear_modules(applied.model) if name not in quantized]
     if layout == "bitnet":
         return {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
                 "modules_to_not_convert": keep}
