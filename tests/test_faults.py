@@ -311,10 +311,11 @@ def test_storage_outage_mid_study_is_waited_out(tmp_path):
     log = tmp_path / "driver.log"
     proc = start(spec, log)
     try:
-        def dispatched():  # a running trial with its hardware attributes is on the actor (the last write before)
+        def dispatched():  # a running trial with all its hardware attributes is on the actor: "constraints" is the
+            # last attribute written before the dispatch ("plan_hash" the first: a cut between them abandons the start)
             trials = trials_of(name, PG_URL)
             done = [t for t in trials if t.state.name == "COMPLETE"]
-            running = [t for t in trials if t.state.name == "RUNNING" and "plan_hash" in t.user_attrs]
+            running = [t for t in trials if t.state.name == "RUNNING" and "constraints" in t.user_attrs]
             return (done, running) if len(done) >= 2 and running else None
 
         before, in_flight = wait_for("a trial on the actor", dispatched, proc, log, every=0.05)
